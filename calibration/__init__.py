@@ -1,0 +1,1 @@
+"""Offline work on a calibration session: single-trial betas, pretraining, fine-tuning, bundles."""

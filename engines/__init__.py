@@ -1,0 +1,1 @@
+"""Inference backends for the decoder: torch eager/compiled, ONNX Runtime and TensorRT."""

@@ -1,0 +1,318 @@
+"""Typed, validated configuration read from YAML.
+
+A configuration is one :class:`RTDecoderConfig`, made of frozen sections (one per stage of the
+data's path). Files are YAML; a file may start from a shipped preset with ``preset: phantom`` and
+override only the keys it names. Unknown keys, wrong types and values out of range are rejected
+with the file, the key path and what was expected::
+
+    my.yaml: glm.method: expected 'lss' or 'lsa' (got 'lsq')
+
+Sizes carry their unit in their name (``tr_s``, ``voxel_size_mm``, ``beta_wait_s``).
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rtdecoder.errors import ConfigError
+
+CONFIG_VERSION = 1
+
+
+
+class Section(BaseModel):
+    """Base of every section: frozen, and unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class PhantomConfig(Section):
+    """The simulated world: subjects, their anatomy, noise and head motion."""
+
+    seed: int = 0
+    n_subjects: int = Field(8, ge=1)
+    n_stimuli: int = Field(3000, ge=2)
+    image_size_px: int = Field(224, ge=32)
+    grid_shape: tuple[int, int, int] = (48, 56, 46)
+    voxel_size_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    n_voxels: int = Field(2500, ge=10, description="mean visual-mask size; subjects differ")
+    n_voxels_spread: float = Field(0.15, ge=0.0, lt=1.0, description="relative spread between subjects")
+    latent_dim: int = Field(64, ge=2, description="shared latent of the image embedding")
+    snr: float = Field(0.35, gt=0.0, description="single-trial response std / noise std")
+    noise_ar1: float = Field(0.4, ge=0.0, lt=1.0)
+    physio_fraction: float = Field(0.3, ge=0.0, le=1.0, description="share of noise variance that is cardiac/respiratory")
+    drift_fraction: float = Field(0.5, ge=0.0, description="low-frequency drift std / noise std")
+    motion_drift_mm: float = Field(0.3, ge=0.0, description="std of slow head drift over a run")
+    motion_jump_per_min: float = Field(0.3, ge=0.0, description="rate of sudden head jumps")
+    motion_jump_mm: float = Field(0.8, ge=0.0, description="typical size of a jump")
+
+
+class ScannerConfig(Section):
+    """How the (real or simulated) scanner acquires and exports volumes."""
+
+    tr_s: float = Field(1.6, gt=0.0)
+    export_format: Literal["mosaic", "enhanced", "nifti"] = "mosaic"
+    slice_order: Literal["ascending", "descending", "interleaved"] = "interleaved"
+    tile_order: Literal["FH", "HF"] = "FH"
+
+
+class ExperimentConfig(Section):
+    """The shape of a session: NSD-like trials, runs and repeats."""
+
+    image_s: float = Field(3.0, gt=0.0)
+    blank_s: float = Field(1.0, ge=0.0)
+    trials_per_run: int = Field(62, ge=1)
+    runs_per_session: int = Field(12, ge=1)
+    lead_in_s: float = Field(4.8, ge=0.0, description="rest before the first trial of a run")
+    lead_out_s: float = Field(12.8, ge=0.0, description="rest after the last trial (HRF decay)")
+    n_test_images: int = Field(100, ge=0, description="images shown test_repeats times")
+    test_repeats: int = Field(3, ge=1)
+    sessions_per_subject: int = Field(4, ge=1)
+
+
+class EmbeddingConfig(Section):
+    """The image-embedding space the decoder predicts."""
+
+    model: Literal["efficientnet_lite0", "openclip"] = "efficientnet_lite0"
+    n_tokens: int = Field(49, ge=1)
+    token_dim: int = Field(1280, ge=1)
+    openclip_arch: str = "ViT-bigG-14"
+    weights_path: str | None = None
+    cache_dir: str = "rtdecoder-cache/embeddings"
+    image_range: Literal["zero_one", "minus_one_one"] = Field(
+        "zero_one", description="pixel range fed to the embedder (see docs/mindeye2.md)"
+    )
+
+
+class IngestConfig(Section):
+    """Watching the export folder and taking complete volumes in order."""
+
+    watch_mode: Literal["inotify", "polling"] = "inotify"
+    poll_interval_s: float = Field(0.02, gt=0.0)
+    incomplete_timeout_s: float = Field(10.0, gt=0.0)
+    missing_volume_wait_s: float = Field(4.0, gt=0.0, description="wait before a gap is declared missing")
+
+
+class PreprocessConfig(Section):
+    """Motion correction, masking and normalisation."""
+
+    motion_correction: bool = True
+    motion_max_iterations: int = Field(10, ge=1)
+    normalise: Literal["zscore", "none"] = "zscore"
+
+
+class GLMConfig(Section):
+    """The incremental single-trial GLM."""
+
+    method: Literal["lss", "lsa"] = "lss"
+    hrf: Literal["canonical", "library"] = "canonical"
+    drift_model: Literal["polynomial", "cosine"] = "polynomial"
+    drift_order: int = Field(2, ge=0, description="polynomial degree")
+    high_pass_hz: float = Field(0.01, gt=0.0, description="cosine drift cut-off")
+    motion_confounds: bool = True
+    beta_wait_s: float = Field(8.0, ge=0.0, description="seconds after onset before a beta is released")
+    publish_refinements: bool = True
+
+
+class ModelConfig(Section):
+    """MindEye2 sizes: adapter, backbone, heads and diffusion prior."""
+
+    hidden_dim: int = Field(512, ge=8)
+    n_blocks: int = Field(2, ge=0)
+    dropout: float = Field(0.15, ge=0.0, lt=1.0)
+    n_tokens: int = Field(49, ge=1)
+    token_dim: int = Field(1280, ge=1)
+    clip_head_layers: int = Field(3, ge=0)
+    lowlevel: bool = False
+    prior_dim: int = Field(256, ge=8)
+    prior_depth: int = Field(2, ge=1)
+    prior_heads: int = Field(4, ge=1)
+    prior_timesteps: int = Field(100, ge=2)
+    prior_cond_drop: float = Field(0.2, ge=0.0, lt=1.0)
+    prior_sample_steps: int = Field(20, ge=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self) -> ModelConfig:
+        if self.prior_dim % self.prior_heads:
+            raise ValueError(
+                f"prior_dim ({self.prior_dim}) must be a multiple of prior_heads ({self.prior_heads})"
+            )
+        return self
+
+
+class TrainingConfig(Section):
+    """The MindEye2 training recipe (paper values unless the preset says otherwise)."""
+
+    epochs: int = Field(150, ge=1)
+    batch_size: int = Field(24, ge=2)
+    lr: float = Field(3e-4, gt=0.0)
+    weight_decay: float = Field(1e-2, ge=0.0)
+    mixco_fraction: float = Field(1 / 3, ge=0.0, le=1.0, description="share of epochs with BiMixCo")
+    prior_loss_weight: float = Field(30.0, ge=0.0)
+    clip_loss_weight: float = Field(1.0, ge=0.0)
+    lowlevel_loss_weight: float = Field(0.5, ge=0.0)
+    mixed_precision: bool = True
+    seed: int = 0
+
+
+class RTDecoderConfig(Section):
+    """The whole configuration: one section per stage of the data's path."""
+
+    name: str = "custom"
+    phantom: PhantomConfig = PhantomConfig()
+    scanner: ScannerConfig = ScannerConfig()
+    experiment: ExperimentConfig = ExperimentConfig()
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    ingest: IngestConfig = IngestConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    glm: GLMConfig = GLMConfig()
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+
+    @model_validator(mode="after")
+    def _model_matches_embedding(self) -> RTDecoderConfig:
+        for key in ("n_tokens", "token_dim"):
+            if getattr(self.model, key) != getattr(self.embedding, key):
+                raise ValueError(
+                    f"model.{key} ({getattr(self.model, key)}) must equal embedding.{key} "
+                    f"({getattr(self.embedding, key)})"
+                )
+        return self
+
+
+PRESETS = ("phantom", "nsd")
+
+
+def preset_path(name: str) -> Path:
+    """Path of a shipped preset YAML file.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`PRESETS`.
+    """
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    return Path(str(resources.files("rtdecoder.presets") / f"{name}.yaml"))
+
+
+def load_config(source: str | Path, overrides: dict[str, Any] | None = None) -> RTDecoderConfig:
+    """Read and validate a configuration.
+
+    Parameters
+    ----------
+    source : str or Path
+        A preset name (``"phantom"``, ``"nsd"``) or a YAML file. A file may name a preset under
+        ``preset:`` and override some of its keys.
+    overrides : dict, optional
+        Nested values applied last, as if written in the file.
+
+    Returns
+    -------
+    RTDecoderConfig
+
+    Raises
+    ------
+    ConfigError
+        With the file, the key path and what was expected.
+    """
+    path = preset_path(str(source)) if str(source) in PRESETS else Path(source)
+    raw = _read_yaml(path)
+    if "preset" in raw:
+        base_name = raw.pop("preset")
+        if base_name not in PRESETS:
+            raise ConfigError(f"{path}: preset: expected one of {', '.join(PRESETS)} (got {base_name!r})")
+        raw = _deep_merge(_read_yaml(preset_path(base_name)), raw)
+    if overrides:
+        raw = _deep_merge(raw, overrides)
+    return config_from_dict(raw, origin=str(path))
+
+
+def config_from_dict(raw: dict[str, Any], origin: str = "<dict>") -> RTDecoderConfig:
+    """Validate a nested dict into a config; ``origin`` names the source in errors."""
+    raw = {k: v for k, v in raw.items() if k not in ("_class_name", "_version")}
+    try:
+        return RTDecoderConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, origin)) from None
+
+
+def save_config(config: RTDecoderConfig, path: str | Path) -> None:
+    """Write a config as JSON with its class name and schema version."""
+    payload = {"_class_name": type(config).__name__, "_version": CONFIG_VERSION}
+    payload.update(config.model_dump(mode="json"))
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def read_saved_config(path: str | Path) -> RTDecoderConfig:
+    """Read a config written by :func:`save_config`, checking its schema version."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read config JSON: {err}") from None
+    version = raw.get("_version")
+    if version != CONFIG_VERSION:
+        raise ConfigError(f"{path}: _version: expected {CONFIG_VERSION} (got {version!r})")
+    return config_from_dict(raw, origin=str(path))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config file: {err.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level (got {type(raw).__name__})")
+    return raw
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = []
+    for item in err.errors():
+        loc = ".".join(str(part) for part in item["loc"]) or "<top level>"
+        if item["type"] == "extra_forbidden":
+            allowed = _allowed_keys(item["loc"][:-1])
+            lines.append(f"{origin}: {loc}: unknown key; expected one of: {', '.join(allowed)}")
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        message = message.replace("Input should be", "expected")
+        got = item.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{origin}: {loc}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = RTDecoderConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
