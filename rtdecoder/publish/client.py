@@ -1,0 +1,133 @@
+"""Client side of the protocol, for stimulus software and tests: subscribe and ask for history.
+
+Only pyzmq, msgpack and numpy are needed, so a stimulus script can use it (or copy the few lines
+it needs; docs/protocol.md describes the wire format completely).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.auth
+
+from rtdecoder.errors import ProtocolError
+from rtdecoder.publish.messages import Encoding, Message, decode, message_from_map, pack_map, unpack_map
+
+
+def _apply_client_curve(socket: zmq.Socket, client_secret_file: Path, server_public_file: Path) -> None:
+    public, secret = zmq.auth.load_certificate(client_secret_file)
+    server_public, _ = zmq.auth.load_certificate(server_public_file)
+    socket.curve_publickey = public
+    socket.curve_secretkey = secret
+    socket.curve_serverkey = server_public
+
+
+class ResultSubscriber:
+    """Receives result messages from the session's PUB socket.
+
+    Parameters
+    ----------
+    address : str
+        The session's result address, e.g. ``tcp://127.0.0.1:5555``.
+    topics : iterable of str, default=("",)
+        Topic prefixes to receive; ``""`` means all.
+    encoding : {"msgpack", "json"}
+    client_secret_file, server_public_file : Path, optional
+        CURVE keys (``rtdecoder keys make``), when the session requires them.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        topics: Iterable[str] = ("",),
+        encoding: Encoding = "msgpack",
+        client_secret_file: Path | None = None,
+        server_public_file: Path | None = None,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.encoding = encoding
+        self._context = context or zmq.Context.instance()
+        self.socket = self._context.socket(zmq.SUB)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        if client_secret_file is not None and server_public_file is not None:
+            _apply_client_curve(self.socket, Path(client_secret_file), Path(server_public_file))
+        for topic in topics:
+            self.socket.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
+        self.socket.connect(address)
+
+    def receive(self, timeout_s: float | None = None) -> Message | None:
+        """The next message, or ``None`` if none arrives within ``timeout_s``."""
+        timeout_ms = None if timeout_s is None else int(timeout_s * 1000)
+        if not self.socket.poll(timeout_ms):
+            return None
+        return decode(self.socket.recv_multipart(), self.encoding)
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.socket.close()
+
+
+class ControlClient:
+    """Asks the session's control socket for status and history, and announces trial onsets."""
+
+    def __init__(
+        self,
+        address: str,
+        encoding: Encoding = "msgpack",
+        timeout_s: float = 5.0,
+        client_secret_file: Path | None = None,
+        server_public_file: Path | None = None,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.address = address
+        self.encoding = encoding
+        self.timeout_s = timeout_s
+        self._keys = (client_secret_file, server_public_file)
+        self._context = context or zmq.Context.instance()
+        self.socket = self._connect()
+
+    def request(self, cmd: str, **fields: Any) -> dict[str, Any]:
+        """Send one request and wait for its reply; raises ProtocolError on timeout or refusal."""
+        self.socket.send(pack_map({"cmd": cmd, **fields}, self.encoding))
+        if not self.socket.poll(int(self.timeout_s * 1000)):
+            # A REQ socket that lost its reply is stuck in the wrong state: start a fresh one.
+            self.socket.close()
+            self.socket = self._connect()
+            raise ProtocolError(f"{cmd}: no reply from {self.address} within {self.timeout_s} s")
+        reply = unpack_map(self.socket.recv(), self.encoding)
+        if not reply.get("ok"):
+            raise ProtocolError(f"{cmd}: refused by the session: {reply.get('error')}")
+        return reply
+
+    def status(self) -> dict[str, Any]:
+        """The session's status map, with ``session`` and ``next_seq``."""
+        return self.request("status")
+
+    def last(self, n: int, topic: str | None = None) -> list[Message]:
+        """The last ``n`` published messages (of one topic, if given)."""
+        fields: dict[str, Any] = {"n": n} if topic is None else {"n": n, "topic": topic}
+        return [message_from_map(raw) for raw in self.request("last", **fields)["messages"]]
+
+    def resend(self, from_seq: int) -> list[Message]:
+        """Every message from sequence number ``from_seq`` on (to fill a gap)."""
+        return [message_from_map(raw) for raw in self.request("resend", from_seq=from_seq)["messages"]]
+
+    def announce_onset(self, trial_id: str, onset_s: float, stim_id: str | None = None) -> bool:
+        """Tell the session a trial started at ``onset_s`` (seconds from the run's first volume)."""
+        return bool(self.request("onset", trial_id=trial_id, onset_s=onset_s, stim_id=stim_id)["accepted"])
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.socket.close()
+
+    def _connect(self) -> zmq.Socket:
+        socket = self._context.socket(zmq.REQ)
+        socket.setsockopt(zmq.LINGER, 0)
+        secret, server = self._keys
+        if secret is not None and server is not None:
+            _apply_client_curve(socket, Path(secret), Path(server))
+        socket.connect(self.address)
+        return socket
