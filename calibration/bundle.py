@@ -1,0 +1,263 @@
+"""The subject bundle: everything calibration learns about one subject, in one folder.
+
+Layout (written by :meth:`SubjectBundle.save`, checked by :meth:`SubjectBundle.load`)::
+
+    bundle/
+      metadata.json       subject, voxel count, mask hash, grid, embedding space, versions, dates
+      config.json         the RTDecoderConfig calibration ran with
+      mask.nii.gz         the voxel mask, in the motion reference's space
+      reference.nii.gz    the motion reference volume
+      stats.safetensors   z-score mean/std per mask voxel, HRF library index per mask voxel
+      model/              the fine-tuned MindEye2 (shared weights + this subject's adapter)
+      evaluation.json     held-out retrieval (optional)
+
+The live decoder loads a bundle and calls :meth:`SubjectBundle.check_volume` on the first volume:
+any mismatch (grid, orientation, voxel count, embedding space, model version) is an error that
+names the file and field, never a silent wrong answer.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from rtdecoder import __version__
+from rtdecoder.config import RTDecoderConfig, read_saved_config, save_config
+from rtdecoder.errors import BundleError
+
+BUNDLE_VERSION = 1
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+def mask_hash(mask: np.ndarray) -> str:
+    """SHA-256 of a boolean mask's shape and voxels (identifies the voxel order of betas)."""
+    mask = np.asarray(mask, dtype=bool)
+    digest = hashlib.sha256(repr(mask.shape).encode())
+    digest.update(np.packbits(mask.ravel()).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class SubjectBundle:
+    """A calibrated subject.
+
+    Attributes
+    ----------
+    subject_id : str
+    config : RTDecoderConfig
+        The configuration calibration used (GLM, preprocessing, model sizes, embedding).
+    mask : ndarray of bool, shape (nx, ny, nz)
+    affine : ndarray of shape (4, 4)
+        Voxel-to-world (RAS+, mm) of the mask and reference grid.
+    reference : ndarray of float32, shape (nx, ny, nz)
+        Motion reference volume.
+    zscore_mean, zscore_std : ndarray of float32, shape (n_voxels,)
+        Per-voxel statistics of the calibration betas' inputs (mask order).
+    hrf_index : ndarray of int32, shape (n_voxels,)
+        Chosen HRF library index per mask voxel (all 0 with the canonical HRF).
+    model_dir : Path or None
+        The fine-tuned model folder (``MindEye2.from_pretrained``).
+    embedding_name : str
+        The embedder's full name (model and weights) the model predicts.
+    evaluation : dict
+        Held-out metrics from calibration.
+    metadata : dict
+        Everything in ``metadata.json``.
+    """
+
+    subject_id: str
+    config: RTDecoderConfig
+    mask: np.ndarray
+    affine: np.ndarray
+    reference: np.ndarray
+    zscore_mean: np.ndarray
+    zscore_std: np.ndarray
+    hrf_index: np.ndarray
+    model_dir: Path | None = None
+    embedding_name: str = ""
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_voxels(self) -> int:
+        """Voxels in the mask."""
+        return int(self.mask.sum())
+
+    def save(self, directory: str | Path, model: Any | None = None) -> Path:
+        """Write the bundle; ``model`` (a MindEye2) is saved under ``model/`` when given."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._check_shapes(directory)
+        save_config(self.config, directory / "config.json")
+        nib.save(nib.Nifti1Image(self.mask.astype(np.uint8), self.affine), directory / "mask.nii.gz")
+        nib.save(nib.Nifti1Image(self.reference.astype(np.float32), self.affine), directory / "reference.nii.gz")
+        save_file(
+            {
+                "zscore_mean": self.zscore_mean.astype(np.float32),
+                "zscore_std": self.zscore_std.astype(np.float32),
+                "hrf_index": self.hrf_index.astype(np.int32),
+            },
+            str(directory / "stats.safetensors"),
+        )
+        if model is not None:
+            model.save_pretrained(directory / "model")
+            self.model_dir = directory / "model"
+        if self.evaluation:
+            (directory / "evaluation.json").write_text(json.dumps(self.evaluation, indent=2) + "\n")
+        self.metadata = {
+            "_class_name": "SubjectBundle",
+            "_version": BUNDLE_VERSION,
+            "subject_id": self.subject_id,
+            "n_voxels": self.n_voxels,
+            "mask_sha256": mask_hash(self.mask),
+            "grid_shape": list(self.mask.shape),
+            "affine": np.asarray(self.affine, dtype=float).round(6).tolist(),
+            "embedding": {
+                "name": self.embedding_name,
+                "model": self.config.embedding.model,
+                "n_tokens": self.config.embedding.n_tokens,
+                "token_dim": self.config.embedding.token_dim,
+            },
+            "rtdecoder_version": __version__,
+            "has_model": self.model_dir is not None,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            **{k: v for k, v in self.metadata.items() if k.startswith("calibration_")},
+        }
+        (directory / "metadata.json").write_text(json.dumps(self.metadata, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> SubjectBundle:
+        """Read and cross-check a bundle; every problem names the file and the field."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise BundleError(f"{directory}: not a subject bundle folder (no such folder)")
+        meta_path = directory / "metadata.json"
+        metadata = _read_json(meta_path)
+        if metadata.get("_class_name") != "SubjectBundle":
+            raise BundleError(f"{meta_path}: _class_name: expected 'SubjectBundle' (got {metadata.get('_class_name')!r})")
+        if metadata.get("_version") != BUNDLE_VERSION:
+            raise BundleError(f"{meta_path}: _version: expected {BUNDLE_VERSION} (got {metadata.get('_version')!r})")
+        config = read_saved_config(directory / "config.json")
+        mask_img = _read_nifti(directory / "mask.nii.gz")
+        mask = np.asarray(mask_img.dataobj) > 0
+        reference = np.asarray(_read_nifti(directory / "reference.nii.gz").dataobj, dtype=np.float32)
+        stats_path = directory / "stats.safetensors"
+        try:
+            stats = load_file(str(stats_path))
+        except (OSError, ValueError) as err:
+            raise BundleError(f"{stats_path}: cannot read statistics: {err}") from None
+        for key in ("zscore_mean", "zscore_std", "hrf_index"):
+            if key not in stats:
+                raise BundleError(f"{stats_path}: missing tensor {key!r}")
+        model_dir = directory / "model"
+        bundle = cls(
+            subject_id=str(metadata.get("subject_id", "")),
+            config=config,
+            mask=mask,
+            affine=mask_img.affine,
+            reference=reference,
+            zscore_mean=stats["zscore_mean"],
+            zscore_std=stats["zscore_std"],
+            hrf_index=stats["hrf_index"],
+            model_dir=model_dir if metadata.get("has_model") else None,
+            embedding_name=str(metadata.get("embedding", {}).get("name", "")),
+            evaluation=_read_json(directory / "evaluation.json") if (directory / "evaluation.json").exists() else {},
+            metadata=metadata,
+        )
+        bundle._check_shapes(directory)
+        if metadata.get("mask_sha256") != mask_hash(mask):
+            raise BundleError(f"{directory / 'mask.nii.gz'}: does not match metadata.json mask_sha256 (mask changed?)")
+        if metadata.get("n_voxels") != bundle.n_voxels:
+            raise BundleError(
+                f"{meta_path}: n_voxels: {metadata.get('n_voxels')} but mask.nii.gz has {bundle.n_voxels} voxels"
+            )
+        if bundle.model_dir is not None and not (model_dir / "config.json").is_file():
+            raise BundleError(f"{model_dir}: metadata.json says the bundle has a model, but model/config.json is missing")
+        return bundle
+
+    def load_model(self, device: str = "cpu") -> Any:
+        """The fine-tuned MindEye2, checked against this bundle's voxel count and embedding."""
+        from rtdecoder.decode.model import MindEye2
+
+        if self.model_dir is None:
+            raise BundleError(f"subject {self.subject_id}: the bundle holds no model (calibrated without one)")
+        model = MindEye2.from_pretrained(self.model_dir, device=device)
+        config_path = self.model_dir / "config.json"
+        if model.subjects.get(self.subject_id) != self.n_voxels:
+            raise BundleError(
+                f"{config_path}: subjects: expected an adapter for {self.subject_id!r} with {self.n_voxels} voxels "
+                f"(the mask's count); got {model.subjects}"
+            )
+        expected = (self.config.embedding.n_tokens, self.config.embedding.token_dim)
+        if (model.config.n_tokens, model.config.token_dim) != expected:
+            raise BundleError(
+                f"{config_path}: model: predicts {model.config.n_tokens}x{model.config.token_dim} tokens but the "
+                f"bundle's embedding space is {expected[0]}x{expected[1]}"
+            )
+        return model
+
+    def check_volume(self, shape: tuple[int, ...], affine: np.ndarray, source: str = "volume") -> None:
+        """Raise if a live volume's grid or orientation differs from the calibration's."""
+        if tuple(shape) != tuple(self.mask.shape):
+            raise BundleError(
+                f"{source}: grid {tuple(shape)} does not match the bundle's mask grid {tuple(self.mask.shape)} "
+                f"(subject {self.subject_id}); was the protocol changed since calibration?"
+            )
+        difference = float(np.abs(np.asarray(affine) - self.affine).max())
+        if difference > max(AFFINE_TOLERANCE_MM, 0.5 * float(np.abs(self.affine[:3, :3]).max())):
+            raise BundleError(
+                f"{source}: voxel-to-world affine differs from the bundle's by {difference:.3f} mm; "
+                "the mask would land on the wrong voxels (re-run calibration or check the slice prescription)"
+            )
+
+    def check_embedding(self, embedding_name: str) -> None:
+        """Raise if the live decoder's embedder is not the one the model was trained to predict."""
+        if self.embedding_name and embedding_name != self.embedding_name:
+            raise BundleError(
+                f"metadata.json: embedding.name: bundle predicts {self.embedding_name!r} but the decoder "
+                f"uses {embedding_name!r}"
+            )
+
+    def _check_shapes(self, directory: Path) -> None:
+        n = self.n_voxels
+        if self.reference.shape != self.mask.shape:
+            raise BundleError(
+                f"{directory / 'reference.nii.gz'}: shape {self.reference.shape} differs from mask {self.mask.shape}"
+            )
+        for name in ("zscore_mean", "zscore_std", "hrf_index"):
+            value = getattr(self, name)
+            if value.shape != (n,):
+                raise BundleError(
+                    f"{directory / 'stats.safetensors'}: {name}: expected shape ({n},) for {n} mask voxels "
+                    f"(got {value.shape})"
+                )
+        if np.any(self.zscore_std <= 0):
+            raise BundleError(f"{directory / 'stats.safetensors'}: zscore_std: expected positive values")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except OSError as err:
+        raise BundleError(f"{path}: cannot read: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise BundleError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    if not isinstance(value, dict):
+        raise BundleError(f"{path}: expected a JSON object")
+    return value
+
+
+def _read_nifti(path: Path) -> nib.Nifti1Image:
+    try:
+        return nib.load(path)
+    except (OSError, nib.filebasedimages.ImageFileError) as err:
+        raise BundleError(f"{path}: cannot read NIfTI: {err}") from None
