@@ -7,7 +7,7 @@ Layout (written by :meth:`SubjectBundle.save`, checked by :meth:`SubjectBundle.l
       config.json         the RTDecoderConfig calibration ran with
       mask.nii.gz         the voxel mask, in the motion reference's space
       reference.nii.gz    the motion reference volume
-      stats.safetensors   z-score mean/std per mask voxel, HRF library index per mask voxel
+      stats.safetensors   per mask voxel: signal mean, beta mean/std, HRF library index
       model/              the fine-tuned MindEye2 (shared weights + this subject's adapter)
       evaluation.json     held-out retrieval (optional)
 
@@ -35,6 +35,7 @@ from rtdecoder.errors import BundleError
 
 BUNDLE_VERSION = 1
 AFFINE_TOLERANCE_MM = 1e-3
+STATS_KEYS = ("signal_mean", "beta_mean", "beta_std", "hrf_index")
 
 
 def mask_hash(mask: np.ndarray) -> str:
@@ -59,8 +60,12 @@ class SubjectBundle:
         Voxel-to-world (RAS+, mm) of the mask and reference grid.
     reference : ndarray of float32, shape (nx, ny, nz)
         Motion reference volume.
-    zscore_mean, zscore_std : ndarray of float32, shape (n_voxels,)
-        Per-voxel statistics of the calibration betas' inputs (mask order).
+    signal_mean : ndarray of float32, shape (n_voxels,)
+        Mean motion-corrected signal of each mask voxel over the calibration session; live time
+        series are converted to percent signal change of it before the GLM.
+    beta_mean, beta_std : ndarray of float32, shape (n_voxels,)
+        Per-voxel statistics of the calibration betas; live betas are z-scored with them before
+        decoding, as the model was trained.
     hrf_index : ndarray of int32, shape (n_voxels,)
         Chosen HRF library index per mask voxel (all 0 with the canonical HRF).
     model_dir : Path or None
@@ -78,8 +83,9 @@ class SubjectBundle:
     mask: np.ndarray
     affine: np.ndarray
     reference: np.ndarray
-    zscore_mean: np.ndarray
-    zscore_std: np.ndarray
+    signal_mean: np.ndarray
+    beta_mean: np.ndarray
+    beta_std: np.ndarray
     hrf_index: np.ndarray
     model_dir: Path | None = None
     embedding_name: str = ""
@@ -101,8 +107,9 @@ class SubjectBundle:
         nib.save(nib.Nifti1Image(self.reference.astype(np.float32), self.affine), directory / "reference.nii.gz")
         save_file(
             {
-                "zscore_mean": self.zscore_mean.astype(np.float32),
-                "zscore_std": self.zscore_std.astype(np.float32),
+                "signal_mean": self.signal_mean.astype(np.float32),
+                "beta_mean": self.beta_mean.astype(np.float32),
+                "beta_std": self.beta_std.astype(np.float32),
                 "hrf_index": self.hrf_index.astype(np.int32),
             },
             str(directory / "stats.safetensors"),
@@ -155,7 +162,7 @@ class SubjectBundle:
             stats = load_file(str(stats_path))
         except (OSError, ValueError) as err:
             raise BundleError(f"{stats_path}: cannot read statistics: {err}") from None
-        for key in ("zscore_mean", "zscore_std", "hrf_index"):
+        for key in STATS_KEYS:
             if key not in stats:
                 raise BundleError(f"{stats_path}: missing tensor {key!r}")
         model_dir = directory / "model"
@@ -165,8 +172,9 @@ class SubjectBundle:
             mask=mask,
             affine=mask_img.affine,
             reference=reference,
-            zscore_mean=stats["zscore_mean"],
-            zscore_std=stats["zscore_std"],
+            signal_mean=stats["signal_mean"],
+            beta_mean=stats["beta_mean"],
+            beta_std=stats["beta_std"],
             hrf_index=stats["hrf_index"],
             model_dir=model_dir if metadata.get("has_model") else None,
             embedding_name=str(metadata.get("embedding", {}).get("name", "")),
@@ -233,15 +241,16 @@ class SubjectBundle:
             raise BundleError(
                 f"{directory / 'reference.nii.gz'}: shape {self.reference.shape} differs from mask {self.mask.shape}"
             )
-        for name in ("zscore_mean", "zscore_std", "hrf_index"):
+        for name in STATS_KEYS:
             value = getattr(self, name)
             if value.shape != (n,):
                 raise BundleError(
                     f"{directory / 'stats.safetensors'}: {name}: expected shape ({n},) for {n} mask voxels "
                     f"(got {value.shape})"
                 )
-        if np.any(self.zscore_std <= 0):
-            raise BundleError(f"{directory / 'stats.safetensors'}: zscore_std: expected positive values")
+        for name in ("signal_mean", "beta_std"):
+            if not np.all(getattr(self, name) > 0):
+                raise BundleError(f"{directory / 'stats.safetensors'}: {name}: expected positive values")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -24,8 +24,9 @@ def _bundle(rng: np.random.Generator) -> SubjectBundle:
         mask=mask,
         affine=affine,
         reference=rng.random(mask.shape).astype(np.float32),
-        zscore_mean=rng.random(n).astype(np.float32),
-        zscore_std=(1 + rng.random(n)).astype(np.float32),
+        signal_mean=(100 + rng.random(n)).astype(np.float32),
+        beta_mean=rng.random(n).astype(np.float32),
+        beta_std=(1 + rng.random(n)).astype(np.float32),
         hrf_index=rng.integers(0, 20, n).astype(np.int32),
         embedding_name="efficientnet_lite0",
         evaluation={"image_top1": 0.5},
@@ -55,7 +56,7 @@ def test_changed_mask_is_detected(tmp_path, rng) -> None:
     mask = bundle.mask.copy()
     mask[0, 0, 0] = True
     nib.save(nib.Nifti1Image(mask.astype(np.uint8), bundle.affine), tmp_path / "b" / "mask.nii.gz")
-    with pytest.raises(BundleError, match=r"stats\.safetensors: zscore_mean: expected shape"):
+    with pytest.raises(BundleError, match=r"stats\.safetensors: signal_mean: expected shape"):
         SubjectBundle.load(tmp_path / "b")
 
 

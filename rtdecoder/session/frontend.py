@@ -1,0 +1,116 @@
+"""One run's per-volume path: motion correction -> mask -> normalisation -> incremental GLM.
+
+:class:`FrontEnd` is what the live session calls for every volume, in acquisition order. It
+touches only the mask voxels after motion estimation (no full reslice), so its cost is the motion
+fit plus O(V·p) for the GLM: see ``bench/bench_frontend.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from rtdecoder.errors import OrderError
+from rtdecoder.glm.incremental import IncrementalGLM, TrialBeta
+from rtdecoder.ingest.volume import Volume
+from rtdecoder.preprocess.mask import OnlineNormaliser, VoxelMask
+from rtdecoder.preprocess.motion import MotionCorrector, MotionEstimate
+
+
+@dataclass
+class ProcessedVolume:
+    """What one volume did to the run.
+
+    Attributes
+    ----------
+    tr_index : int
+        0-based index in the run.
+    values : ndarray of shape (n_voxels,), float32, or None
+        Normalised mask values that entered the GLM (``None`` for a missing volume).
+    motion : MotionEstimate or None
+        Motion relative to the reference (``None`` when correction is off or the volume is missing).
+    betas : list of TrialBeta
+        Betas released or refined by this volume.
+    """
+
+    tr_index: int
+    values: np.ndarray | None
+    motion: MotionEstimate | None
+    betas: list[TrialBeta]
+
+    @property
+    def missing(self) -> bool:
+        """True when the volume never arrived and was left out of the model."""
+        return self.values is None
+
+
+class FrontEnd:
+    """Motion-correct, mask, normalise and feed one run's volumes to its GLM.
+
+    Parameters
+    ----------
+    mask : VoxelMask
+        The subject's voxels in the reference grid.
+    glm : IncrementalGLM
+        The run's estimator (not yet started).
+    normaliser : OnlineNormaliser
+        Maps raw mask values to the units the GLM and the model expect.
+    motion : MotionCorrector or None
+        Its reference already set; ``None`` reads the mask voxels as they are.
+    """
+
+    def __init__(
+        self,
+        mask: VoxelMask,
+        glm: IncrementalGLM,
+        normaliser: OnlineNormaliser,
+        motion: MotionCorrector | None = None,
+    ) -> None:
+        self.mask = mask
+        self.glm = glm
+        self.normaliser = normaliser
+        self.motion = motion
+        self._mask_ijk = mask.ijk
+        self.started_ = False
+
+    def start(self) -> FrontEnd:
+        """Start the GLM for the mask's voxel count; call once per run."""
+        self.glm.start(self.mask.n_voxels)
+        self.started_ = True
+        return self
+
+    def process(self, volume: Volume) -> ProcessedVolume:
+        """Preprocess one volume and update the GLM; stamps ``volume.times.processed_s``."""
+        self._require_started("process")
+        if self.motion is not None:
+            raw, estimate = self.motion.correct(volume, self._mask_ijk)
+            motion_params = estimate.params
+        else:
+            self.mask.check_volume(volume)
+            raw, estimate, motion_params = self.mask.values(volume.data), None, np.zeros(6)
+        values = self.normaliser.normalise(raw)
+        betas = self.glm.update(volume.index, values, motion_params)
+        volume.times.processed_s = time.time()
+        return ProcessedVolume(volume.index, values, estimate, betas)
+
+    def replay(self, tr_index: int, values: np.ndarray, motion_params: np.ndarray) -> list[TrialBeta]:
+        """Feed an already-preprocessed volume (from the journal) to the GLM."""
+        self._require_started("replay")
+        return self.glm.update(tr_index, np.asarray(values, dtype=np.float32), np.asarray(motion_params))
+
+    def missing(self, tr_index: int) -> ProcessedVolume:
+        """Leave a volume that never arrived out of the model."""
+        self._require_started("missing")
+        self.glm.mark_missing(tr_index)
+        return ProcessedVolume(tr_index, None, None, [])
+
+    def finish(self) -> list[TrialBeta]:
+        """The final beta of every trial of the run."""
+        self._require_started("finish")
+        return self.glm.finish()
+
+    def _require_started(self, method: str) -> None:
+        if not self.started_:
+            raise OrderError(f"FrontEnd.{method} called before start(); call start() first")
