@@ -17,23 +17,38 @@ from rtdecoder import __version__
 from rtdecoder.errors import DecoderError
 
 EXIT_USER_ERROR = 1
+EXIT_USAGE = 2
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line naming the command, not a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with one subparser per command group."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="rtdecoder",
         description="Real-time fMRI decoder: watch scanner exports, estimate single-trial betas, "
         "decode them into image embeddings, retrievals and reconstructions, publish over ZeroMQ.",
     )
     parser.add_argument("--version", action="version", version=f"rtdecoder {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    groups = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_OneLineParser
+    )
     _add_config_commands(groups)
+    _add_keys_commands(groups)
 
     from rtdecoder.phantom.commands import add_phantom_commands
 
     add_phantom_commands(groups)
+
+    from rtdecoder.session.commands import add_session_commands
+
+    add_session_commands(groups)
     return parser
 
 
@@ -72,6 +87,27 @@ def _config_check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if not args.quiet:
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def _add_keys_commands(groups: argparse._SubParsersAction) -> None:
+    keys = groups.add_parser("keys", help="CURVE key pairs for authenticated result streams")
+    sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    make = sub.add_parser("make", help="write a server key pair and client key pairs")
+    make.add_argument("folder", help="folder to write the keys into")
+    make.add_argument("--clients", default="client", help="comma-separated client names (default: client)")
+    make.set_defaults(handler=_keys_make)
+
+
+def _keys_make(args: argparse.Namespace) -> int:
+    from rtdecoder.publish.keys import make_keys
+
+    names = tuple(name.strip() for name in args.clients.split(",") if name.strip())
+    paths = make_keys(args.folder, names)
+    print(f"server secret key: {paths['server_secret']}  (publish.server_secret_key_file)")
+    print(f"authorized clients: {paths['authorized']}  (publish.client_public_keys_dir)")
+    for name in names:
+        print(f"client {name}: {paths[name + '_secret']} + {paths['server_public']}")
     return 0
 
 

@@ -44,7 +44,10 @@ class PhantomConfig(Section):
     n_voxels: int = Field(2500, ge=10, description="mean visual-mask size; subjects differ")
     n_voxels_spread: float = Field(0.15, ge=0.0, lt=1.0, description="relative spread between subjects")
     latent_dim: int = Field(64, ge=2, description="shared latent of the image embedding")
-    snr: float = Field(0.35, gt=0.0, description="single-trial response std / noise std")
+    snr: float = Field(
+        0.35, gt=0.0,
+        description="single-trial response std / std of its least-squares estimation noise",
+    )
     noise_ar1: float = Field(0.4, ge=0.0, lt=1.0)
     physio_fraction: float = Field(0.3, ge=0.0, le=1.0, description="share of noise variance that is cardiac/respiratory")
     drift_fraction: float = Field(0.5, ge=0.0, description="low-frequency drift std / noise std")
@@ -82,11 +85,16 @@ class EmbeddingConfig(Section):
     model: Literal["efficientnet_lite0", "openclip"] = "efficientnet_lite0"
     n_tokens: int = Field(49, ge=1)
     token_dim: int = Field(1280, ge=1)
-    openclip_arch: str = "ViT-bigG-14"
+    openclip_arch: str = Field(
+        "ViT-bigG-14", description="open_clip architecture name, or a local .json model config"
+    )
     weights_path: str | None = None
     cache_dir: str = "rtdecoder-cache/embeddings"
     image_range: Literal["zero_one", "minus_one_one"] = Field(
-        "zero_one", description="pixel range fed to the embedder (see docs/mindeye2.md)"
+        "zero_one",
+        description="range the embedder takes its [0, 1] pixels to be in: zero_one (correct) or "
+        "minus_one_one (MindEye2 reference, needed for its released weights); "
+        "see rtdecoder/embedding/base.py and docs/mindeye2.md",
     )
 
 
@@ -104,6 +112,12 @@ class PreprocessConfig(Section):
 
     motion_correction: bool = True
     motion_max_iterations: int = Field(10, ge=1)
+    motion_tolerance_mm: float = Field(
+        0.005, gt=0.0, description="stop when an update moves points by less (FD-style, mm)"
+    )
+    motion_n_samples: int = Field(
+        10000, ge=100, description="reference voxels (strongest gradient) the fit samples"
+    )
     normalise: Literal["zscore", "none"] = "zscore"
 
 
@@ -136,6 +150,11 @@ class ModelConfig(Section):
     prior_timesteps: int = Field(100, ge=2)
     prior_cond_drop: float = Field(0.2, ge=0.0, lt=1.0)
     prior_sample_steps: int = Field(20, ge=1)
+    use_prior: bool = Field(True, description="build the diffusion prior (off: retrieval only)")
+    prior_ff_mult: int = Field(4, ge=1, description="prior feed-forward width / prior_dim (SwiGLU)")
+    prior_sample_eta: float = Field(1.0, ge=0.0, description="DDIM eta: 0 deterministic, 1 DDPM-like")
+    lowlevel_channels: int = Field(4, ge=1, description="channels of the low-level output (4: SD-VAE latent)")
+    lowlevel_upsamples: int = Field(2, ge=0, description="x2 upsamplings from 7x7 (2: 28x28 px)")
 
     @model_validator(mode="after")
     def _heads_divide_dim(self) -> ModelConfig:
@@ -159,6 +178,77 @@ class TrainingConfig(Section):
     lowlevel_loss_weight: float = Field(0.5, ge=0.0)
     mixed_precision: bool = True
     seed: int = 0
+    cpu_bf16: bool = Field(False, description="bf16 autocast on CPU too (off: often slower there)")
+    warmup_epochs: float = Field(2.0, ge=0.0, description="OneCycle warm-up length in epochs")
+    final_div_factor: float = Field(1000.0, gt=0.0, description="OneCycle final lr = initial / this")
+    mixco_temperature: float = Field(0.006, gt=0.0)
+    mixco_beta: float = Field(0.15, gt=0.0, description="mixup coefficient ~ Beta(a, a)")
+    mixco_prob: float = Field(0.5, ge=0.0, le=1.0, description="share of samples mixed")
+    softclip_temperature_start: float = Field(0.004, gt=0.0)
+    softclip_temperature_end: float = Field(0.0075, gt=0.0)
+    checkpoint_every_epochs: int = Field(1, ge=1)
+
+
+class PublishConfig(Section):
+    """The ZeroMQ result stream and control socket (see docs/protocol.md)."""
+
+    result_address: str = "tcp://127.0.0.1:5555"
+    control_address: str = "tcp://127.0.0.1:5556"
+    encoding: Literal["msgpack", "json"] = "msgpack"
+    send_hwm: int = Field(10000, ge=1, description="messages queued per subscriber before dropping")
+    history_size: int = Field(2000, ge=1, description="messages kept in memory for 'last N'")
+    curve: bool = False
+    server_secret_key_file: str | None = None
+    client_public_keys_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _curve_needs_keys(self) -> PublishConfig:
+        if self.curve and not (self.server_secret_key_file and self.client_public_keys_dir):
+            raise ValueError(
+                "curve: true needs server_secret_key_file and client_public_keys_dir "
+                "(make them with 'rtdecoder keys make')"
+            )
+        return self
+
+
+class GeneratorConfig(Section):
+    """Reconstruction (tokens -> image) and the inference engines that run the decoder."""
+
+    kind: Literal["phantom", "unclip"] = "phantom"
+    image_size_px: int = Field(32, ge=8, description="side of the generated image")
+    n_steps: int = Field(16, ge=1, description="sampling steps of the full (teacher) generator")
+    student_steps: int = Field(2, ge=1, le=4, description="steps of the distilled student")
+    guidance_scale: float = Field(1.0, ge=0.0, description="classifier-free guidance; 1 = none")
+    unclip_weights_path: str | None = Field(None, description="generative-models unCLIP checkpoint")
+    cache_dir: str = "rtdecoder-cache/generators"
+    phantom_train_steps: int = Field(1500, ge=1)
+    phantom_batch_size: int = Field(32, ge=2)
+    phantom_lr: float = Field(2e-3, gt=0.0)
+    phantom_cross_dim: int = Field(64, ge=8, description="tokens are projected to this width")
+    distill_steps_per_round: int = Field(150, ge=1)
+    lowlevel_weight: float = Field(0.25, ge=0.0, le=1.0, description="share of the blurry image in the blend")
+    retrieval_top_k: int = Field(5, ge=1)
+    engine_backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
+    engine_dir: str = "rtdecoder-cache/engines"
+    onnx_opset: int = Field(18, ge=13)
+    tensorrt_fp16: bool = True
+    max_batch: int = Field(8, ge=1, description="largest batch the engines are built for")
+
+
+class SessionConfig(Section):
+    """The live session: what is published, and what gives way when decoding falls behind."""
+
+    publish_beta_maps: bool = Field(True, description="send each beta map (V float32) in beta messages")
+    decode_updates: bool = Field(False, description="decode refined betas too, not only the first release")
+    decode_final: bool = Field(False, description="decode each trial's end-of-run beta as well")
+    max_decode_backlog: int = Field(
+        1, ge=0, description="betas waiting beyond this skip reconstruction (retrieval is never skipped)"
+    )
+    reconstruct: bool = True
+    retrieval_top_k: int = Field(5, ge=1)
+    idle_timeout_s: float = Field(60.0, gt=0.0, description="end the run when no volume came for this long")
+    heartbeat_s: float = Field(1.0, gt=0.0, description="status message period while nothing else is sent")
+    journal_fsync: bool = True
 
 
 class RTDecoderConfig(Section):
@@ -174,6 +264,9 @@ class RTDecoderConfig(Section):
     glm: GLMConfig = GLMConfig()
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    publish: PublishConfig = PublishConfig()
+    session: SessionConfig = SessionConfig()
 
     @model_validator(mode="after")
     def _model_matches_embedding(self) -> RTDecoderConfig:

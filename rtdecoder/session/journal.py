@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,6 +55,7 @@ class Journal:
         self.records_: list[dict[str, Any]] = []
         self.torn_bytes_ = 0
         self._file: BinaryIO | None = None
+        self._lock = threading.Lock()
 
     def open(self) -> Journal:
         """Read the existing records, cut a torn tail, and get ready to append."""
@@ -77,16 +79,17 @@ class Journal:
         return self
 
     def append(self, record: dict[str, Any]) -> None:
-        """Write one record durably. ``record`` must have a ``kind``."""
+        """Write one record durably (thread-safe). ``record`` must have a ``kind``."""
         if self._file is None:
             raise OrderError(f"{self.path}: Journal.append called before open(); call open() first")
         if "kind" not in record:
             raise ValueError("journal record needs a 'kind'")
         body = pack_map(record)
-        self._file.write(_HEADER.pack(len(body)) + body + _HEADER.pack(zlib.crc32(body)))
-        self._file.flush()
-        if self.fsync:
-            os.fsync(self._file.fileno())
+        with self._lock:
+            self._file.write(_HEADER.pack(len(body)) + body + _HEADER.pack(zlib.crc32(body)))
+            self._file.flush()
+            if self.fsync:
+                os.fsync(self._file.fileno())
 
     def close(self) -> None:
         """Close the file (records already appended are on disk)."""

@@ -1,0 +1,417 @@
+"""Haemodynamic response functions: the canonical shapes and a 20-shape library.
+
+Every kernel here is sampled on the oversampled grid the design matrix convolves on: ``dt =
+tr_s / oversampling`` seconds per sample, ``time_length_s`` long, and normalised to sum to 1 (so
+a trial's regressor is in the units of the data per unit of response, whatever the shape).
+
+The canonical kernels are the double-gamma forms of SPM and of Glover (1999) with the parameters
+nilearn uses, sampled the way nilearn samples them, so that a design built from them agrees with
+``nilearn.glm.first_level.make_first_level_design_matrix`` to rounding error.
+
+The library is a one-parameter-per-axis family of double gammas, after GLMsingle's idea of
+choosing, per voxel, the best of a fixed set of shapes on calibration data. Its 20 shapes run from
+a time to peak of 3.5 s to 7.5 s (width growing with latency, as measured HRFs do), and each has
+one of four undershoot depths. :func:`choose_hrf_per_voxel` picks the best shape per voxel by the
+R^2 of a single-trial (LSA) fit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.stats import gamma
+
+from rtdecoder.errors import ConfigError, VolumeError
+from rtdecoder.glm.design import (
+    DEFAULT_OVERSAMPLING,
+    TrialLike,
+    drift_regressors,
+    frame_times_s,
+    trial_regressors,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HRF_LENGTH_S = 32.0
+HRF_LIBRARY_SIZE = 20
+CANONICAL_HRFS = ("glover", "spm")
+
+# Library axes. Time to peak spans the range reported across cortex (about 3.5-7.5 s); the peak
+# gamma's dispersion grows in proportion to latency (slower responses are also broader); the
+# undershoot follows the peak by a fixed 10 s and cycles through four depths so that neighbouring
+# latencies offer different undershoots.
+_LIBRARY_PEAK_S = np.linspace(3.5, 7.5, HRF_LIBRARY_SIZE)
+_LIBRARY_DISPERSION_PER_PEAK_S = 0.9 / 5.0
+_LIBRARY_UNDERSHOOT_LAG_S = 10.0
+_LIBRARY_UNDERSHOOT_RATIOS = (0.1, 0.25, 0.4, 0.55)
+
+
+def gamma_difference_hrf(
+    tr_s: float,
+    oversampling: int = DEFAULT_OVERSAMPLING,
+    time_length_s: float = DEFAULT_HRF_LENGTH_S,
+    onset_s: float = 0.0,
+    delay_s: float = 6.0,
+    undershoot_s: float = 16.0,
+    dispersion: float = 1.0,
+    undershoot_dispersion: float = 1.0,
+    ratio: float = 0.167,
+) -> np.ndarray:
+    """A double-gamma HRF (peak gamma minus a scaled undershoot gamma), sampled and normalised.
+
+    Parameters
+    ----------
+    tr_s : float
+        Repetition time, s.
+    oversampling : int, default=50
+        Samples per TR; the kernel's nominal step is ``tr_s / oversampling`` s.
+    time_length_s : float, default=32.0
+        Kernel length, s.
+    onset_s : float, default=0.0
+        Delay of the whole response, s.
+    delay_s, undershoot_s : float
+        Shape times scale of the peak and undershoot gammas, s (their means, before the one-sample
+        shift both get).
+    dispersion, undershoot_dispersion : float
+        Scale parameters of the two gammas, s.
+    ratio : float
+        Undershoot amplitude relative to the peak's.
+
+    Returns
+    -------
+    ndarray of shape (round(time_length_s * oversampling / tr_s),), float64
+        The kernel; sums to 1.
+
+    Examples
+    --------
+    >>> k = gamma_difference_hrf(2.0, oversampling=1, time_length_s=20.0)
+    >>> k.shape, round(float(k.sum()), 6)
+    ((10,), 1.0)
+    """
+    if tr_s <= 0 or oversampling < 1 or time_length_s <= 0:
+        raise ConfigError(
+            f"HRF sampling: expected tr_s > 0, oversampling >= 1 and time_length_s > 0 "
+            f"(got {tr_s!r}, {oversampling!r}, {time_length_s!r})"
+        )
+    dt_s = tr_s / oversampling
+    # The grid spans [0, time_length_s] inclusive with rint(length / dt) points, which makes the
+    # step slightly longer than dt; nilearn samples the same way, and exact agreement needs it.
+    times_s = np.linspace(0.0, time_length_s, int(np.rint(time_length_s / dt_s))) - onset_s
+    peak = gamma.pdf(times_s, delay_s / dispersion, loc=dt_s, scale=dispersion)
+    undershoot = gamma.pdf(
+        times_s, undershoot_s / undershoot_dispersion, loc=dt_s, scale=undershoot_dispersion
+    )
+    kernel = peak - ratio * undershoot
+    return kernel / kernel.sum()
+
+
+def glover_hrf(
+    tr_s: float,
+    oversampling: int = DEFAULT_OVERSAMPLING,
+    time_length_s: float = DEFAULT_HRF_LENGTH_S,
+    onset_s: float = 0.0,
+) -> np.ndarray:
+    """Glover's (1999) canonical HRF, as nilearn's ``glover_hrf``.
+
+    Parameters
+    ----------
+    tr_s : float
+        Repetition time, s.
+    oversampling : int, default=50
+        Samples per TR.
+    time_length_s : float, default=32.0
+        Kernel length, s.
+    onset_s : float, default=0.0
+        Delay of the response, s.
+
+    Returns
+    -------
+    ndarray of shape (n_samples,), float64
+        Sums to 1.
+
+    Examples
+    --------
+    >>> np.round(glover_hrf(2.0, oversampling=1, time_length_s=20.0), 3).tolist()[:5]
+    [0.0, 0.0, 0.226, 0.741, 0.5]
+    """
+    return gamma_difference_hrf(
+        tr_s, oversampling, time_length_s, onset_s, delay_s=6.0, undershoot_s=12.0,
+        dispersion=0.9, undershoot_dispersion=0.9, ratio=0.48,
+    )
+
+
+def spm_hrf(
+    tr_s: float,
+    oversampling: int = DEFAULT_OVERSAMPLING,
+    time_length_s: float = DEFAULT_HRF_LENGTH_S,
+    onset_s: float = 0.0,
+) -> np.ndarray:
+    """SPM's canonical HRF, as nilearn's ``spm_hrf``.
+
+    Parameters
+    ----------
+    tr_s : float
+        Repetition time, s.
+    oversampling : int, default=50
+        Samples per TR.
+    time_length_s : float, default=32.0
+        Kernel length, s.
+    onset_s : float, default=0.0
+        Delay of the response, s.
+
+    Returns
+    -------
+    ndarray of shape (n_samples,), float64
+        Sums to 1.
+
+    Examples
+    --------
+    >>> np.round(spm_hrf(2.0, oversampling=1, time_length_s=20.0), 3).tolist()[:5]
+    [0.0, 0.0, 0.161, 0.443, 0.335]
+    """
+    return gamma_difference_hrf(tr_s, oversampling, time_length_s, onset_s)
+
+
+def canonical_hrf(
+    name: str, tr_s: float, oversampling: int = DEFAULT_OVERSAMPLING,
+    time_length_s: float = DEFAULT_HRF_LENGTH_S,
+) -> np.ndarray:
+    """The canonical kernel called ``name`` (``"glover"`` or ``"spm"``).
+
+    Parameters
+    ----------
+    name : {"glover", "spm"}
+        Which canonical shape.
+    tr_s : float
+        Repetition time, s.
+    oversampling : int, default=50
+        Samples per TR.
+    time_length_s : float, default=32.0
+        Kernel length, s.
+
+    Returns
+    -------
+    ndarray of shape (n_samples,), float64
+
+    Examples
+    --------
+    >>> canonical_hrf("spm", 1.6).shape
+    (1000,)
+    """
+    if name == "glover":
+        return glover_hrf(tr_s, oversampling, time_length_s)
+    if name == "spm":
+        return spm_hrf(tr_s, oversampling, time_length_s)
+    raise ConfigError(f"hrf: expected one of {', '.join(CANONICAL_HRFS)} (got {name!r})")
+
+
+def hrf_library(
+    tr_s: float,
+    oversampling: int = DEFAULT_OVERSAMPLING,
+    time_length_s: float = DEFAULT_HRF_LENGTH_S,
+) -> np.ndarray:
+    """The 20-shape HRF library, ordered by time to peak.
+
+    Parameters
+    ----------
+    tr_s : float
+        Repetition time, s.
+    oversampling : int, default=50
+        Samples per TR.
+    time_length_s : float, default=32.0
+        Kernel length, s.
+
+    Returns
+    -------
+    ndarray of shape (20, n_samples), float64
+        One kernel per row, each summing to 1. Row ``k`` peaks about ``3.5 + k * 4 / 19`` s after
+        onset (see :func:`hrf_time_to_peak_s`).
+
+    Examples
+    --------
+    >>> lib = hrf_library(1.6)
+    >>> lib.shape
+    (20, 1000)
+    >>> bool(np.all(np.diff(hrf_time_to_peak_s(lib, 1.6)) > 0))
+    True
+    """
+    rows = []
+    for k, peak_s in enumerate(_LIBRARY_PEAK_S):
+        dispersion = _LIBRARY_DISPERSION_PER_PEAK_S * peak_s
+        undershoot_dispersion = 1.0
+        undershoot_peak_s = peak_s + _LIBRARY_UNDERSHOOT_LAG_S
+        rows.append(
+            gamma_difference_hrf(
+                tr_s, oversampling, time_length_s,
+                # A gamma's mode is (shape - 1) * scale, i.e. delay - dispersion here.
+                delay_s=peak_s + dispersion,
+                undershoot_s=undershoot_peak_s + undershoot_dispersion,
+                dispersion=dispersion,
+                undershoot_dispersion=undershoot_dispersion,
+                ratio=_LIBRARY_UNDERSHOOT_RATIOS[k % len(_LIBRARY_UNDERSHOOT_RATIOS)],
+            )
+        )
+    return np.stack(rows)
+
+
+def hrf_time_to_peak_s(kernels: np.ndarray, tr_s: float, oversampling: int = DEFAULT_OVERSAMPLING) -> np.ndarray:
+    """Time from onset to the maximum of each kernel, s.
+
+    Parameters
+    ----------
+    kernels : ndarray of shape (n_samples,) or (n_kernels, n_samples)
+        Kernels sampled every ``tr_s / oversampling`` s.
+    tr_s : float
+        Repetition time, s.
+    oversampling : int, default=50
+        Samples per TR.
+
+    Returns
+    -------
+    ndarray of shape () or (n_kernels,), float64
+        Seconds.
+
+    Examples
+    --------
+    >>> round(float(hrf_time_to_peak_s(glover_hrf(1.6), 1.6)), 1)
+    5.0
+    """
+    return np.argmax(kernels, axis=-1) * (tr_s / oversampling)
+
+
+def library_r2(
+    data: np.ndarray,
+    trials: Sequence[TrialLike],
+    tr_s: float,
+    slice_time_ref_s: float = 0.0,
+    motion_params: np.ndarray | None = None,
+    drift_model: str = "polynomial",
+    drift_order: int = 2,
+    high_pass_hz: float = 0.01,
+    kernels: np.ndarray | None = None,
+    oversampling: int = DEFAULT_OVERSAMPLING,
+) -> np.ndarray:
+    """R^2 of a single-trial (LSA) fit of each voxel with each library HRF.
+
+    The model is one regressor per trial convolved with the kernel, plus the motion parameters and
+    the drift, fitted by ordinary least squares. R^2 is ``1 - RSS / TSS`` with TSS about the
+    voxel's mean, so only the trial regressors distinguish the shapes.
+
+    Parameters
+    ----------
+    data : ndarray of shape (n_volumes, n_voxels)
+        One run's time series.
+    trials : sequence of TrialLike
+        The run's trials (``onset_s`` from the first volume, ``duration_s``).
+    tr_s : float
+        Repetition time, s.
+    slice_time_ref_s : float, default=0.0
+        Time within the TR that a volume's sample stands for, s.
+    motion_params : ndarray of shape (n_volumes, 6) or None
+        Motion confounds; None fits without them.
+    drift_model : {"polynomial", "cosine"}, default="polynomial"
+        The drift basis.
+    drift_order : int, default=2
+        Polynomial degree.
+    high_pass_hz : float, default=0.01
+        Cosine cut-off, Hz.
+    kernels : ndarray of shape (n_kernels, n_samples) or None
+        Shapes to compare; default :func:`hrf_library`.
+    oversampling : int, default=50
+        Samples per TR of the kernels.
+
+    Returns
+    -------
+    ndarray of shape (n_kernels, n_voxels), float64
+
+    Examples
+    --------
+    >>> from rtdecoder.glm.events import Trial
+    >>> rng = np.random.default_rng(0)
+    >>> trials = [Trial(f"t{i}", 6.0 + 8.0 * i, 3.0) for i in range(6)]
+    >>> library_r2(rng.normal(size=(40, 3)), trials, 1.6).shape
+    (20, 3)
+    """
+    data = np.asarray(data, dtype=np.float64)
+    if data.ndim != 2:
+        raise VolumeError(f"library_r2: data: expected shape (n_volumes, n_voxels) (got {data.shape})")
+    n_volumes = data.shape[0]
+    if kernels is None:
+        kernels = hrf_library(tr_s, oversampling)
+    times_s = frame_times_s(n_volumes, tr_s, slice_time_ref_s)
+    nuisance = [drift_regressors(times_s, drift_model, drift_order, high_pass_hz)]
+    if motion_params is not None:
+        motion_params = np.asarray(motion_params, dtype=np.float64)
+        if motion_params.shape != (n_volumes, 6):
+            raise VolumeError(
+                f"library_r2: motion_params: expected shape ({n_volumes}, 6) (got {motion_params.shape})"
+            )
+        nuisance.insert(0, motion_params)
+    nuisance_matrix = np.hstack(nuisance)
+    centred = data - data.mean(axis=0)
+    tss = np.einsum("tv,tv->v", centred, centred)
+    r2 = np.empty((len(kernels), data.shape[1]))
+    for k, kernel in enumerate(kernels):
+        design = np.hstack([trial_regressors(trials, times_s, kernel, oversampling), nuisance_matrix])
+        if design.shape[1] >= n_volumes:
+            raise VolumeError(
+                f"library_r2: data: {n_volumes} volumes cannot fit {design.shape[1]} regressors"
+            )
+        # Residuals via an orthonormal basis of the design: RSS = |y|^2 - |Q'y|^2 is unstable when
+        # the fit is near-perfect, so project explicitly.
+        q, _ = np.linalg.qr(design)
+        residual = data - q @ (q.T @ data)
+        rss = np.einsum("tv,tv->v", residual, residual)
+        r2[k] = 1.0 - rss / np.where(tss > 0, tss, np.inf)
+    return r2
+
+
+def choose_hrf_per_voxel(
+    data: np.ndarray,
+    trials: Sequence[TrialLike],
+    tr_s: float,
+    slice_time_ref_s: float = 0.0,
+    motion_params: np.ndarray | None = None,
+    drift_model: str = "polynomial",
+    drift_order: int = 2,
+    high_pass_hz: float = 0.01,
+    kernels: np.ndarray | None = None,
+    oversampling: int = DEFAULT_OVERSAMPLING,
+) -> np.ndarray:
+    """Index of the best library HRF per voxel, by the R^2 of a single-trial fit.
+
+    For several calibration runs, average :func:`library_r2` over runs and take the argmax
+    along axis 0 instead.
+
+    Parameters
+    ----------
+    data : ndarray of shape (n_volumes, n_voxels)
+        One run's time series.
+    trials : sequence of TrialLike
+        The run's trials.
+    tr_s : float
+        Repetition time, s.
+    slice_time_ref_s, motion_params, drift_model, drift_order, high_pass_hz, kernels, oversampling
+        As in :func:`library_r2`.
+
+    Returns
+    -------
+    ndarray of shape (n_voxels,), int64
+        Row indices into the library.
+
+    Examples
+    --------
+    >>> from rtdecoder.glm.events import Trial
+    >>> trials = [Trial(f"t{i}", 6.0 + 8.0 * i, 3.0) for i in range(6)]
+    >>> times_s = frame_times_s(40, 1.6)
+    >>> slow = trial_regressors(trials, times_s, hrf_library(1.6)[18]).sum(axis=1)
+    >>> int(choose_hrf_per_voxel(slow[:, None] + 1.0, trials, 1.6)[0])
+    18
+    """
+    r2 = library_r2(
+        data, trials, tr_s, slice_time_ref_s, motion_params, drift_model, drift_order,
+        high_pass_hz, kernels, oversampling,
+    )
+    return np.argmax(r2, axis=0)

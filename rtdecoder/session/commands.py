@@ -1,0 +1,75 @@
+"""``rtdecoder run``: the live session a lab starts before the scan."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from rtdecoder.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def add_session_commands(groups: argparse._SubParsersAction) -> None:
+    """Register ``run`` on the top-level parser."""
+    run = groups.add_parser(
+        "run",
+        help="run the closed loop on a scanner's export folder",
+        description="Watch an export folder, estimate single-trial betas as volumes arrive, decode them, and "
+        "publish everything over ZeroMQ. Starting again on the same --session-dir resumes after a crash.",
+    )
+    run.add_argument("--config", default="phantom", help="preset name or YAML file (default: phantom)")
+    run.add_argument("--bundle", required=True, type=Path, help="subject bundle folder from 'rtdecoder calibrate'")
+    run.add_argument("--watch", required=True, type=Path, help="the folder the scanner exports this run into")
+    run.add_argument("--session-dir", required=True, type=Path, help="journal and reports (resumes if it exists)")
+    schedule = run.add_mutually_exclusive_group(required=True)
+    schedule.add_argument("--events", type=Path, help="BIDS events.tsv with this run's trials")
+    schedule.add_argument(
+        "--live-onsets", action="store_true", help="trials are announced on the control socket as they start"
+    )
+    run.add_argument("--n-volumes", type=int, required=True, help="volumes in the run")
+    run.add_argument("--run-label", default="run-01", help="run name in messages and the journal")
+    run.add_argument("--tr-s", type=float, default=None, help="repetition time, s (default: scanner.tr_s)")
+    run.add_argument("--no-decode", action="store_true", help="publish volumes and betas only")
+    run.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from calibration.bundle import SubjectBundle
+    from rtdecoder.config import load_config
+    from rtdecoder.glm.events import read_events_tsv
+    from rtdecoder.session.runner import LiveSession, RunPlan
+
+    config = load_config(args.config)
+    if args.n_volumes < 1:
+        raise ConfigError(f"--n-volumes: expected a positive count (got {args.n_volumes})")
+    bundle = SubjectBundle.load(args.bundle)
+    trials = read_events_tsv(args.events) if args.events else []
+    decoder = None
+    if not args.no_decode:
+        from rtdecoder.decode.live import LiveDecoder
+
+        decoder = LiveDecoder.from_bundle(bundle, config)
+    plan = RunPlan(
+        run=args.run_label,
+        watch_dir=args.watch,
+        n_volumes=args.n_volumes,
+        tr_s=args.tr_s or config.scanner.tr_s,
+        trials=trials,
+    )
+    session = LiveSession(config, bundle, args.session_dir, decoder)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        summary = session.run(plan, stop)
+    except KeyboardInterrupt:
+        stop.set()
+        raise
+    print(
+        f"{summary.run}: {summary.n_volumes} volumes ({summary.n_missing} missing), {summary.n_betas} betas, "
+        f"{summary.n_decoded} decodes ({summary.n_skipped_reconstructions} reconstructions skipped)"
+    )
+    return 0
