@@ -1,0 +1,134 @@
+"""Tests of the training loop: multi-subject steps, exact resume, DDP equivalence, fine-tuning."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from calibration.train import SubjectDataset, finetune, train
+from rtdecoder.config import ModelConfig, TrainingConfig
+from rtdecoder.decode.model import MindEye2
+from rtdecoder.errors import BundleError, ConfigError
+
+VOXELS = {"s1": 12, "s2": 9}
+
+
+def tiny_model(seed: int = 0, **overrides) -> MindEye2:
+    values = dict(hidden_dim=32, n_blocks=2, dropout=0.1, n_tokens=4, token_dim=16, prior_dim=16,
+                  prior_depth=1, prior_heads=2, prior_timesteps=10)
+    values.update(overrides)
+    torch.manual_seed(seed)
+    return MindEye2(ModelConfig(**values), VOXELS)
+
+
+def datasets(n_trials: int = 16, lowlevel: bool = False) -> dict[str, SubjectDataset]:
+    gen = torch.Generator().manual_seed(11)
+    images = torch.randn(40, 4, 16, generator=gen)
+    out = {}
+    for subject_id, n_voxels in VOXELS.items():
+        index = torch.randint(0, 40, (n_trials,), generator=gen)
+        encoder = torch.randn(64, n_voxels, generator=gen)
+        betas = images[index].flatten(1) @ encoder / 8 + 0.5 * torch.randn(n_trials, n_voxels, generator=gen)
+        low = torch.randn(n_trials, 3, 7, 7, generator=gen) if lowlevel else None
+        out[subject_id] = SubjectDataset(subject_id, betas, images[index], index, low)
+    return out
+
+
+def recipe(**overrides) -> TrainingConfig:
+    values = dict(epochs=2, batch_size=8, lr=1e-3, mixco_fraction=0.5, warmup_epochs=0.5, seed=3)
+    values.update(overrides)
+    return TrainingConfig(**values)
+
+
+def test_training_runs_both_loss_phases_and_saves_model(tmp_path):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(model, datasets(), recipe(), tmp_path, progress=False)
+    assert result.global_step == 8 and result.epoch == 2  # 16 trials / 4 per subject per step
+    assert all(torch.isfinite(torch.tensor(m["total"])) for m in result.losses)
+    assert all(m["prior"] > 0 and m["clip"] > 0 for m in result.losses)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("adapters.s2") for k in changed)
+    assert any(k.startswith("blocks.1") for k in changed)
+    assert any(k.startswith("prior.") for k in changed)
+    loaded = MindEye2.from_pretrained(result.model_dir)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+
+
+def test_lowlevel_head_trains_with_targets(tmp_path):
+    model = tiny_model(lowlevel=True, lowlevel_channels=3, lowlevel_upsamples=0, use_prior=False)
+    result = train(model, datasets(lowlevel=True), recipe(epochs=1), tmp_path, progress=False)
+    assert all(m["lowlevel"] > 0 for m in result.losses)
+    with pytest.raises(ConfigError, match="lowlevel_targets: required by model.lowlevel"):
+        train(model, datasets(), recipe(epochs=1), tmp_path / "b", progress=False)
+
+
+def test_resume_is_exact(tmp_path):
+    full = tiny_model()
+    train(full, datasets(), recipe(), tmp_path / "full", progress=False)
+
+    part = tiny_model()
+    first = train(part, datasets(), recipe(), tmp_path / "part", progress=False, stop_after_steps=3)
+    assert first.global_step == 3 and not first.model_dir.exists()
+    resumed_model = tiny_model(seed=99)  # different initial weights: all must come from the checkpoint
+    second = train(resumed_model, datasets(), recipe(), tmp_path / "part", resume=True, progress=False)
+    assert second.global_step == 8 and len(second.losses) == 8
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed_model.state_dict()[k]), k
+
+
+def test_resume_without_checkpoint_and_bad_inputs_are_errors(tmp_path):
+    with pytest.raises(BundleError, match="no checkpoint to resume from"):
+        train(tiny_model(), datasets(), recipe(), tmp_path, resume=True, progress=False)
+    with pytest.raises(ConfigError, match="at least 2 trials per subject"):
+        train(tiny_model(), datasets(), recipe(batch_size=2), tmp_path, progress=False)
+    data = datasets()
+    data["s3"] = SubjectDataset("s3", torch.zeros(8, 5), torch.zeros(8, 4, 16), torch.zeros(8))
+    with pytest.raises(ConfigError, match="no adapter for 's3'; call model.add_subject"):
+        train(tiny_model(), data, recipe(), tmp_path, progress=False)
+    with pytest.raises(BundleError, match=r"targets: expected shape \(8, T, D\)"):
+        SubjectDataset("s3", torch.zeros(8, 5), torch.zeros(7, 4, 16), torch.zeros(8))
+
+
+def test_finetune_adds_fresh_adapter_for_new_voxel_count(tmp_path):
+    pretrained = tiny_model()
+    train(pretrained, datasets(), recipe(epochs=1), tmp_path / "pre", progress=False)
+    gen = torch.Generator().manual_seed(5)
+    new = SubjectDataset("s9", torch.randn(12, 20, generator=gen), torch.randn(12, 4, 16, generator=gen),
+                         torch.arange(12))
+    model, result = finetune(tmp_path / "pre" / "model", new, recipe(epochs=4), tmp_path / "ft",
+                             progress=False)
+    assert model.subjects == {"s9": 20}
+    assert result.global_step == 4  # 12 trials // 8 per step, 4 epochs
+    assert not torch.equal(model.token_proj.weight, pretrained.token_proj.weight)
+    assert MindEye2.from_pretrained(result.model_dir).subjects == {"s9": 20}
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = tiny_model(dropout=0.0)
+        train(model, datasets(n_trials=8), recipe(), out_dir, progress=False)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(tmp_path):
+    single = tiny_model(dropout=0.0)
+    train(single, datasets(n_trials=8), recipe(), tmp_path / "one", progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2, join=True)
+    ddp = MindEye2.from_pretrained(tmp_path / "ddp" / "model")
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(ddp.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
