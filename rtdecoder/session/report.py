@@ -1,0 +1,180 @@
+"""An HTML report of one run, made from the session journal.
+
+Motion trace, per-volume and per-trial latency histograms, beta readiness (seconds from onset to
+the first beta), retrieval accuracy, and a gallery of reconstructions beside the images that were
+shown. Plots are PNGs embedded in the page, so the report is one self-contained file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rtdecoder.publish.messages import message_from_map
+from rtdecoder.session.journal import Journal
+
+
+def write_report(
+    session_dir: str | Path,
+    run: str,
+    out_path: str | Path,
+    seen_image: Callable[[str], np.ndarray | None] | None = None,
+    max_gallery: int = 24,
+) -> dict[str, Any]:
+    """Write ``out_path`` (HTML) for one run of a session; returns the figures it shows.
+
+    Parameters
+    ----------
+    session_dir : Path
+        The session folder holding the journal.
+    run : str
+        Run label.
+    out_path : Path
+        Where to write the page.
+    seen_image : callable, optional
+        ``seen_image(stim_id)`` returns the shown image (uint8 H×W×3) for the gallery.
+    max_gallery : int, default=24
+        Reconstructions shown.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    journal = Journal(Path(session_dir) / "journal.bin").open()
+    messages = [message_from_map(r["message"]) for r in journal.records_ if r["kind"] == "published"]
+    journal.close()
+    messages = [m for m in messages if m.data.get("run") == run]
+    volumes = [m for m in messages if m.topic == "volume"]
+    firsts = [m for m in messages if m.topic == "beta" and not m.data["is_update"] and not m.data["is_final"]]
+    decodes = [m for m in messages if m.topic == "decode"]
+
+    present = [m for m in volumes if not m.data["missing"]]
+    volume_ms = np.array([1000 * (m.t["processed"] - m.t["file_complete"]) for m in present])
+    trial_ms = np.array([
+        1000 * (m.t["published"] - m.t["file_complete"]) for m in decodes if m.t.get("file_complete")
+    ])
+    readiness_s = np.array([m.data["tr_index"] * 0 + _ready_s(m) for m in firsts])
+    hits = [m.data["stim_id"] in m.data["retrieval"]["ids"][:1] for m in decodes if m.data.get("stim_id")]
+    hits5 = [m.data["stim_id"] in m.data["retrieval"]["ids"][:5] for m in decodes if m.data.get("stim_id")]
+    figures = {
+        "volumes": len(present),
+        "missing": len(volumes) - len(present),
+        "trials": len(firsts),
+        "decoded": len(decodes),
+        "reconstructed": sum(m.data.get("reconstruction") == "done" for m in decodes),
+        "volume_latency_ms_median": _q(volume_ms, 50),
+        "volume_latency_ms_p95": _q(volume_ms, 95),
+        "decode_latency_ms_median": _q(trial_ms, 50),
+        "decode_latency_ms_p95": _q(trial_ms, 95),
+        "retrieval_top1": float(np.mean(hits)) if hits else None,
+        "retrieval_top5": float(np.mean(hits5)) if hits5 else None,
+        "retrieval_chance_top1": 1.0 / 3000,
+    }
+
+    plots = []
+    fd = [m.data["fd_mm"] for m in present]
+    motion = np.array([m.data["motion"] for m in present]) if present else np.zeros((0, 6))
+    fig, axes = plt.subplots(2, 1, figsize=(8, 4.5), sharex=True)
+    index = [m.data["tr_index"] for m in present]
+    if len(motion):
+        for k, label in enumerate(("x mm", "y mm", "z mm")):
+            axes[0].plot(index, motion[:, k], label=label)
+        axes[0].legend(fontsize=7, ncol=3)
+    axes[0].set_ylabel("translation (mm)")
+    axes[1].plot(index, fd, color="k")
+    axes[1].set_ylabel("FD (mm)")
+    axes[1].set_xlabel("volume")
+    plots.append(("Head motion", _png(fig)))
+    for title, values, unit in (
+        ("Per-volume latency: file complete to betas updated", volume_ms, "ms"),
+        ("Per-trial latency: file complete to decode published", trial_ms, "ms"),
+        ("Beta readiness: onset to first beta", readiness_s, "s"),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 2.8))
+        if len(values):
+            ax.hist(values, bins=30, color="#4477aa")
+            ax.axvline(np.median(values), color="k", linestyle="--", label=f"median {np.median(values):.1f} {unit}")
+            ax.legend(fontsize=8)
+        ax.set_xlabel(unit)
+        plots.append((title, _png(fig)))
+
+    gallery = []
+    for m in decodes[:max_gallery]:
+        shown = seen_image(m.data["stim_id"]) if seen_image and m.data.get("stim_id") else None
+        gallery.append((
+            m.data["trial_id"], m.data.get("stim_id"), _img_tag(shown),
+            _img_tag_png(m.data.get("image_png")) or html.escape(str(m.data.get("reconstruction"))),
+            ", ".join(m.data["retrieval"]["ids"][:3]),
+        ))
+    Path(out_path).write_text(_page(run, figures, plots, gallery))
+    return figures
+
+
+def _ready_s(message: Any) -> float:
+    # Frame time of the volume the beta came from, minus the trial's onset.
+    tr_s = message.data.get("tr_s")
+    if tr_s is None:
+        return float(message.t["published"] - message.t["acquired"]) if message.t.get("acquired") else np.nan
+    return message.data["tr_index"] * tr_s - message.data["onset_s"]
+
+
+def _q(values: np.ndarray, q: float) -> float | None:
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _img_tag(image: np.ndarray | None) -> str:
+    if image is None:
+        return ""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).resize((128, 128)).save(buffer, format="PNG")
+    return _img_tag_png(buffer.getvalue())
+
+
+def _img_tag_png(png: bytes | None) -> str:
+    if not png:
+        return ""
+    return f'<img width="128" height="128" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _page(run: str, figures: dict[str, Any], plots: list[tuple[str, str]], gallery: list[tuple]) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{'-' if v is None else (f'{v:.3g}' if isinstance(v, float) else v)}</td></tr>"
+        for k, v in figures.items()
+    )
+    plot_html = "".join(
+        f'<h3>{html.escape(t)}</h3><img src="data:image/png;base64,{data}">' for t, data in plots
+    )
+    cells = "".join(
+        f"<tr><td>{html.escape(tid)}</td><td>{html.escape(str(sid))}</td><td>{seen}</td><td>{rec}</td>"
+        f"<td>{html.escape(top)}</td></tr>"
+        for tid, sid, seen, rec, top in gallery
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>rtdecoder run {html.escape(run)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td{padding:4px 8px;vertical-align:middle}"
+        "table{border-collapse:collapse}tr:nth-child(even){background:#f3f3f3}</style></head><body>"
+        f"<h1>rtdecoder: {html.escape(run)}</h1><h2>Figures</h2><table>{rows}</table>"
+        f"<h2>Plots</h2>{plot_html}"
+        "<h2>Reconstructions</h2><table><tr><th>trial</th><th>stimulus</th><th>seen</th>"
+        f"<th>reconstruction</th><th>top-3 retrieval</th></tr>{cells}</table></body></html>"
+    )
