@@ -25,6 +25,7 @@ from rtdecoder.glm.hrf import canonical_hrf
 from rtdecoder.phantom.scanner import FaultPlan, volumes_from_array, write_run
 from rtdecoder.publish.client import ResultSubscriber
 from rtdecoder.session.journal import Journal
+from rtdecoder.session.report import write_report
 from rtdecoder.session.runner import JOURNAL_NAME, Decoded, LiveSession, RunPlan
 
 TR_S = 1.6
@@ -155,6 +156,12 @@ def test_end_to_end_with_faults_every_result_arrives(tmp_path, rng) -> None:
     assert all(m.data["reconstruction"] == "done" and m.data["image_png"].startswith(b"\x89PNG") for m in decodes)
     assert result["summary"].n_missing == 1
     subscriber.close()
+
+    figures = write_report(tmp_path / "session", "run-01", tmp_path / "report.html", TR_S)
+    assert (figures["volumes"], figures["missing"], figures["decoded"]) == (N_VOLUMES - 1, 1, len(trials))
+    assert figures["volume_latency_ms_median"] > 0
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("<img") >= 4 + len(trials)
 
 
 def test_slow_decoder_skips_reconstructions_not_retrievals(tmp_path, rng) -> None:

@@ -36,6 +36,18 @@ def add_session_commands(groups: argparse._SubParsersAction) -> None:
     run.add_argument("--no-decode", action="store_true", help="publish volumes and betas only")
     run.set_defaults(handler=_run)
 
+    demo = groups.add_parser(
+        "demo",
+        help="the phantom world through the whole loop, with an HTML report",
+        description="Pretrain on phantom subjects, calibrate a held-out one from one session, scan a new run, "
+        "decode it live with a subscriber attached, and write an HTML report. Assets are cached in --work-dir.",
+    )
+    demo.add_argument("--config", default="phantom", help="preset name or YAML file (default: phantom)")
+    demo.add_argument("--work-dir", type=Path, default=Path("rtdecoder-demo"), help="default: ./rtdecoder-demo")
+    demo.add_argument("--speed", type=float, default=8.0, help="live scanner speed-up over real time (default 8)")
+    demo.add_argument("--calibration-runs", type=int, default=None, help="default: a whole session")
+    demo.set_defaults(handler=_demo)
+
 
 def _run(args: argparse.Namespace) -> int:
     from calibration.bundle import SubjectBundle
@@ -73,3 +85,16 @@ def _run(args: argparse.Namespace) -> int:
         f"{summary.n_decoded} decodes ({summary.n_skipped_reconstructions} reconstructions skipped)"
     )
     return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from rtdecoder.config import load_config
+    from rtdecoder.session.demo import run_demo
+
+    if args.speed <= 0:
+        raise ConfigError(f"--speed: expected a positive factor (got {args.speed})")
+    figures = run_demo(load_config(args.config), args.work_dir, speed=args.speed,
+                       calibration_runs=args.calibration_runs)
+    for key, value in figures.items():
+        print(f"{key:36s} {value}")
+    return 0 if figures["messages_missing_at_subscriber"] == 0 else 1

@@ -24,6 +24,7 @@ def write_report(
     session_dir: str | Path,
     run: str,
     out_path: str | Path,
+    tr_s: float,
     seen_image: Callable[[str], np.ndarray | None] | None = None,
     max_gallery: int = 24,
 ) -> dict[str, Any]:
@@ -37,6 +38,8 @@ def write_report(
         Run label.
     out_path : Path
         Where to write the page.
+    tr_s : float
+        Repetition time, s (beta readiness is the released volume's time minus the onset).
     seen_image : callable, optional
         ``seen_image(stim_id)`` returns the shown image (uint8 H×W×3) for the gallery.
     max_gallery : int, default=24
@@ -60,7 +63,7 @@ def write_report(
     trial_ms = np.array([
         1000 * (m.t["published"] - m.t["file_complete"]) for m in decodes if m.t.get("file_complete")
     ])
-    readiness_s = np.array([m.data["tr_index"] * 0 + _ready_s(m) for m in firsts])
+    readiness_s = np.array([_ready_s(m, tr_s) for m in firsts])
     hits = [m.data["stim_id"] in m.data["retrieval"]["ids"][:1] for m in decodes if m.data.get("stim_id")]
     hits5 = [m.data["stim_id"] in m.data["retrieval"]["ids"][:5] for m in decodes if m.data.get("stim_id")]
     figures = {
@@ -117,11 +120,8 @@ def write_report(
     return figures
 
 
-def _ready_s(message: Any) -> float:
+def _ready_s(message: Any, tr_s: float) -> float:
     # Frame time of the volume the beta came from, minus the trial's onset.
-    tr_s = message.data.get("tr_s")
-    if tr_s is None:
-        return float(message.t["published"] - message.t["acquired"]) if message.t.get("acquired") else np.nan
     return message.data["tr_index"] * tr_s - message.data["onset_s"]
 
 
@@ -155,11 +155,14 @@ def _img_tag_png(png: bytes | None) -> str:
     return f'<img width="128" height="128" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if isinstance(value, float) else html.escape(str(value))
+
+
 def _page(run: str, figures: dict[str, Any], plots: list[tuple[str, str]], gallery: list[tuple]) -> str:
-    rows = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{'-' if v is None else (f'{v:.3g}' if isinstance(v, float) else v)}</td></tr>"
-        for k, v in figures.items()
-    )
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_cell(v)}</td></tr>" for k, v in figures.items())
     plot_html = "".join(
         f'<h3>{html.escape(t)}</h3><img src="data:image/png;base64,{data}">' for t, data in plots
     )

@@ -1,0 +1,152 @@
+"""``rtdecoder demo``: the phantom world through the whole closed loop, in one command.
+
+1. Build (or load from the cache) the phantom world: stimuli, embeddings, subjects.
+2. Pretrain the shared model on the pretraining subjects (cached).
+3. Scan one calibration session of the held-out subject and calibrate it into a bundle.
+4. Start the phantom scanner on a new run, run the live session on its export folder with a
+   subscriber attached, and check that the subscriber received every published message.
+5. Write an HTML report of the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rtdecoder.config import RTDecoderConfig
+from rtdecoder.errors import DecoderError
+
+logger = logging.getLogger(__name__)
+
+
+def run_demo(
+    config: RTDecoderConfig,
+    work_dir: str | Path,
+    speed: float = 8.0,
+    calibration_runs: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the demo; returns the report's figures plus what the subscriber saw.
+
+    Parameters
+    ----------
+    config : RTDecoderConfig
+        Normally the ``phantom`` preset.
+    work_dir : Path
+        Everything the demo makes (bundle, session journal, report); reused when run again.
+    speed : float, default=8.0
+        The live run's scanner plays this many times faster than real time.
+    calibration_runs : int, optional
+        Runs of the calibration session (default: a whole session, ``runs_per_session``).
+    """
+    from calibration.bundle import SubjectBundle
+    from calibration.calibrate import calibrate
+    from calibration.pretrain import pretrain, subject_id
+    from rtdecoder.decode.live import LiveDecoder
+    from rtdecoder.glm.events import write_events_tsv
+    from rtdecoder.phantom.scanner import volumes_from_array, write_run
+    from rtdecoder.phantom.world import PhantomWorld
+    from rtdecoder.publish.client import ResultSubscriber
+    from rtdecoder.session.report import write_report
+    from rtdecoder.session.runner import LiveSession, RunPlan
+
+    work_dir = Path(work_dir)
+    config = config.model_copy(update={
+        "publish": config.publish.model_copy(
+            update={"result_address": "tcp://127.0.0.1:*", "control_address": "tcp://127.0.0.1:*"}
+        ),
+    })
+    started = time.monotonic()
+    world = PhantomWorld(config, progress=progress)
+    held_out = config.phantom.n_subjects - 1
+    subject = subject_id(held_out)
+    logger.info("demo: pretraining on subjects 0..%d (cached after the first time)", held_out - 1)
+    pretrained = pretrain(config, work_dir / "pretrained", subjects=range(held_out), world=world, progress=progress)
+
+    bundle_dir = work_dir / "bundle"
+    if not (bundle_dir / "metadata.json").is_file():
+        n_runs = calibration_runs or config.experiment.runs_per_session
+        session_dir = work_dir / "calibration-session"
+        logger.info("demo: scanning %d calibration runs of %s", n_runs, subject)
+        for run in range(n_runs):
+            simulated = world.simulate_run(held_out, 0, run)
+            run_dir = session_dir / f"run-{run + 1:02d}"
+            if not (run_dir / "events.tsv").is_file():
+                volumes = volumes_from_array(simulated.volumes, simulated.affine, simulated.tr_s,
+                                             simulated.slice_times_s, series=f"run-{run + 1:02d}")
+                write_run(volumes, run_dir, format="nifti", speed=1e9, partial_write=False)
+                write_events_tsv(simulated.trials, run_dir / "events.tsv")
+        calibrate(config, session_dir, bundle_dir, subject_id=subject, mask=world.subject(held_out).mask,
+                  pretrained_dir=pretrained, progress=progress)
+    bundle = SubjectBundle.load(bundle_dir)
+    decoder = LiveDecoder.from_bundle(bundle, config)
+
+    live = world.simulate_run(held_out, 1, 0)
+    watch_dir = work_dir / "live-export"
+    session_dir = work_dir / "live-session"
+    for folder in (watch_dir, session_dir):
+        if folder.exists():
+            for path in folder.iterdir():
+                path.unlink()
+    watch_dir.mkdir(parents=True, exist_ok=True)
+    plan = RunPlan("run-01", watch_dir, live.volumes.shape[3], live.tr_s, live.trials)
+    session = LiveSession(config, bundle, session_dir, decoder)
+    outcome: dict[str, Any] = {}
+
+    def run_session() -> None:
+        try:
+            outcome["summary"] = session.run(plan)
+        except Exception as err:  # reported in the main thread
+            outcome["error"] = err
+
+    session_thread = threading.Thread(target=run_session, name="rtdecoder-demo-session")
+    session_thread.start()
+    if not session.ready.wait(60):
+        raise DecoderError("demo: the live session did not start within 60 s")
+    subscriber = ResultSubscriber(session.publisher.result_endpoint_)
+    received = []
+    while not received:  # heartbeats: wait until the subscription is through before scanning
+        message = subscriber.receive(timeout_s=0.2)
+        if message is not None:
+            received.append(message)
+    logger.info("demo: scanning the live run (%d volumes) at %.0fx real time", plan.n_volumes, speed)
+    scanner = threading.Thread(
+        target=write_run,
+        args=(volumes_from_array(live.volumes, live.affine, live.tr_s, live.slice_times_s, series="run-01"),
+              watch_dir),
+        kwargs={"format": "mosaic", "tr_s": live.tr_s, "speed": speed},
+        name="rtdecoder-demo-scanner",
+    )
+    scanner.start()
+    while True:
+        message = subscriber.receive(timeout_s=1.0)
+        if message is not None:
+            received.append(message)
+            if message.topic == "status" and message.data.get("state") == "run_end":
+                break
+        elif not session_thread.is_alive():
+            break
+    scanner.join()
+    session_thread.join()
+    subscriber.close()
+    if "error" in outcome:
+        raise outcome["error"]
+
+    seqs = [m.seq for m in received]
+    gaps = sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs))
+    bank = world.bank
+    figures = write_report(
+        session_dir, "run-01", work_dir / "report.html", live.tr_s,
+        seen_image=lambda stim_id: bank.image(bank.index_of(stim_id)),
+    )
+    figures.update({
+        "messages_received": len(received),
+        "messages_missing_at_subscriber": len(gaps),
+        "demo_seconds": time.monotonic() - started,
+        "report": str(work_dir / "report.html"),
+    })
+    return figures
+
