@@ -24,12 +24,16 @@ class VolumeTimes:
         When the file was found complete and read.
     processed_s : float or None
         When motion correction, masking and the GLM update were done.
+    written_s : float or None
+        When the file was last written into the export folder (its modification time): the
+        volume's arrival.
     """
 
     acquired_s: float | None = None
     seen_s: float | None = None
     complete_s: float | None = None
     processed_s: float | None = None
+    written_s: float | None = None
 
 
 @dataclass
