@@ -65,8 +65,9 @@ def _synthetic_run(rng: np.random.Generator):
 class FakeDecoder:
     """Ranks two candidates by the sign of the beta mean; draws a PNG; optionally slow."""
 
-    def __init__(self, reconstruct_s: float = 0.0) -> None:
+    def __init__(self, reconstruct_s: float = 0.0, hold_until=None) -> None:
         self.reconstruct_s = reconstruct_s
+        self.hold_until = hold_until
 
     def retrieve(self, beta: np.ndarray, top_k: int) -> Decoded:
         score = float(np.mean(beta))
@@ -77,6 +78,10 @@ class FakeDecoder:
         from PIL import Image
 
         time.sleep(self.reconstruct_s)
+        deadline = time.monotonic() + 20
+        while self.hold_until is not None and not self.hold_until() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.hold_until = None
         buffer = io.BytesIO()
         Image.fromarray(np.full((8, 8, 3), seed % 255, np.uint8)).save(buffer, format="PNG")
         return buffer.getvalue()
@@ -169,7 +174,10 @@ def test_slow_decoder_skips_reconstructions_not_retrievals(tmp_path, rng) -> Non
     watch = tmp_path / "export"
     watch.mkdir()
     _write(volumes, affine, watch)  # everything is there at once: betas pile up
-    session = LiveSession(bundle.config, bundle, tmp_path / "session", FakeDecoder(reconstruct_s=0.3))
+    decoder = FakeDecoder()
+    session = LiveSession(bundle.config, bundle, tmp_path / "session", decoder)
+    # The first reconstruction takes until three more betas wait: a decoder that fell behind.
+    decoder.hold_until = lambda: session._decode_queue.qsize() >= 3
     summary = session.run(RunPlan("run-01", watch, N_VOLUMES, TR_S, trials))
     records = Journal(tmp_path / "session" / JOURNAL_NAME).open().records_
     decodes = [r["message"]["data"] for r in records if r["kind"] == "published" and r["message"]["topic"] == "decode"]
