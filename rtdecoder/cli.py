@@ -46,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_phantom_commands(groups)
 
+    from calibration.commands import add_calibration_commands
+
+    add_calibration_commands(groups)
+
+    from engines.commands import add_engines_commands
+
+    add_engines_commands(groups)
+
     from rtdecoder.session.commands import add_session_commands
 
     add_session_commands(groups)

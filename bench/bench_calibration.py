@@ -1,0 +1,222 @@
+"""One-session calibration on the phantom world: retrieval of the held-out subject, four ways.
+
+For the held-out subject (phantom subject 7, ``sub-08``), test images averaged over their repeats,
+image and brain retrieval top-1 among 300 (all test images when fewer) for
+
+(a) the shared model pretrained on subjects 0-6, then calibrated on one session (``calibrate``);
+(b) the same session, trained from scratch with the same recipe;
+(c) ridge regression voxels -> flattened image tokens (sklearn ``RidgeCV``, alpha by
+    leave-one-out CV), the Brain-Diffuser approach, on the same session's betas;
+(d) the pretrained model fine-tuned on all of the subject's sessions.
+
+Data paths. The calibration session of (a), (b), (c) goes through the real path: simulated
+volumes written as one NIfTI per volume, read back, motion-corrected, masked, per-voxel HRF and
+offline GLM (:func:`calibration.betas.estimate_session_betas`). Pretraining subjects, the extra
+sessions of (d) and the test betas come from direct simulation (``phantom generate --level
+betas``), z-scored per session with that session's training trials. Test images are the shared
+images (``experiment.n_test_images`` x ``test_repeats``) from every session of the subject.
+
+Also measured: pretraining seconds per epoch, calibration seconds (betas, training) and the peak
+resident memory of the process (``resource.getrusage``). Prints a table and writes
+``bench/results/calibration.json``. Sizes can be reduced for a quick run (``--runs``,
+``--pretrain-sessions``, ``--epochs``, ``--hidden-dim``); the JSON records what was used.
+
+Run from the repository root::
+
+    python bench/bench_calibration.py                   # the phantom preset as configured
+    python bench/bench_calibration.py --runs 4 --pretrain-sessions 0 --epochs 10 --hidden-dim 128 \
+        --no-prior --pretrain-batch-size 42
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calibration.betas import estimate_session_betas
+from calibration.calibrate import average_repeats, calibrate, predict_clip_tokens, retrieval_evaluation
+from calibration.pretrain import pretrain, simulated_subject_betas, subject_id
+from calibration.train import SubjectDataset, finetune
+from rtdecoder.config import load_config
+from rtdecoder.glm.events import write_events_tsv
+from rtdecoder.phantom.generate import parse_index_list
+from rtdecoder.phantom.scanner import volumes_from_array, write_run
+from rtdecoder.phantom.world import PhantomWorld
+
+logger = logging.getLogger("bench_calibration")
+HELD_OUT = 7
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="phantom")
+    parser.add_argument("--work", default="rtdecoder-cache/bench-calibration", help="cache of sessions and models")
+    parser.add_argument("--runs", type=int, help="runs of the calibration session (default: all)")
+    parser.add_argument("--pretrain-sessions", default="all", help="sessions of each pretraining subject")
+    parser.add_argument("--epochs", type=int, help="override training.epochs")
+    parser.add_argument("--hidden-dim", type=int, help="override model.hidden_dim")
+    parser.add_argument("--no-prior", action="store_true", help="model.use_prior: false (retrieval needs no prior)")
+    parser.add_argument("--pretrain-batch-size", type=int, help="training.batch_size for pretraining only")
+    parser.add_argument("--out", default="bench/results/calibration.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(1)
+
+    overrides: dict = {}
+    if args.epochs:
+        overrides["training"] = {"epochs": args.epochs}
+    if args.hidden_dim or args.no_prior:
+        overrides["model"] = {k: v for k, v in (("hidden_dim", args.hidden_dim), ("use_prior", False if
+                              args.no_prior else None)) if v is not None}
+    config = load_config(args.config, overrides or None)
+    exp = config.experiment
+    runs = list(range(args.runs if args.runs else exp.runs_per_session))
+    pre_sessions = parse_index_list(args.pretrain_sessions, exp.sessions_per_subject, "--pretrain-sessions")
+    work = Path(args.work)
+    world = PhantomWorld(config, progress=False)
+    tokens = world.embedding.tokens
+    sid = subject_id(HELD_OUT)
+    seconds: dict[str, float] = {}
+
+    started = time.perf_counter()
+    pre_config = config
+    if args.pretrain_batch_size:
+        pre_config = config.model_copy(update={"training": config.training.model_copy(
+            update={"batch_size": args.pretrain_batch_size})})
+    # with --runs, pretraining subjects and (d) use the same runs of each session as calibration
+    runs_arg = runs if args.runs else None
+    model_dir = pretrain(pre_config, work / "pretrained", range(7), pre_sessions, world=world, runs=runs_arg)
+    record = json.loads((work / "pretrained" / "pretrain.json").read_text())
+    seconds["pretrain_total_incl_cache"] = time.perf_counter() - started
+
+    session_dir = work / "session"
+    started = time.perf_counter()
+    _write_session(world, session_dir, runs)
+    seconds["simulate_and_write_volumes"] = time.perf_counter() - started
+    started = time.perf_counter()
+    mask = world.subject(HELD_OUT).mask
+    session = estimate_session_betas(session_dir, config, mask, progress=True)
+    seconds["calibration_betas"] = time.perf_counter() - started
+
+    test_z, test_tokens = _test_set(world, tokens)
+    results = {}
+    started = time.perf_counter()
+    report_a = calibrate(config, session_dir, work / "bundle-a", sid, mask, pretrained_dir=model_dir,
+                         session=session, bank_tokens=tokens, embedding_name="phantom")
+    seconds["calibration_training_a"] = time.perf_counter() - started
+    results["a_pretrained_1_session"] = _evaluate_bundle(work / "bundle-a", sid, test_z, test_tokens, report_a)
+    started = time.perf_counter()
+    report_b = calibrate(config, session_dir, work / "bundle-b", sid, mask, pretrained_dir=None,
+                         session=session, bank_tokens=tokens, embedding_name="phantom")
+    seconds["calibration_training_b"] = time.perf_counter() - started
+    results["b_scratch_1_session"] = _evaluate_bundle(work / "bundle-b", sid, test_z, test_tokens, report_b)
+    started = time.perf_counter()
+    results["c_ridge_1_session"] = _ridge(session, tokens, test_z, test_tokens)
+    seconds["ridge"] = time.perf_counter() - started
+    started = time.perf_counter()
+    results["d_pretrained_all_sessions"] = _all_sessions(
+        world, tokens, model_dir, config, work, test_z, test_tokens, runs_arg)
+    seconds["all_sessions_training"] = time.perf_counter() - started
+
+    payload = {
+        "benchmark": "calibration",
+        "config": args.config,
+        "overrides": overrides,
+        "calibration_runs": len(runs),
+        "calibration_train_trials": report_a.n_train_trials,
+        "pretrain": record,
+        "n_test_images": int(len(test_z)),
+        "results": results,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "processor": platform.processor()},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    _print_table(payload)
+
+
+def _write_session(world: PhantomWorld, session_dir: Path, runs: list[int]) -> None:
+    """Session 0 of the held-out subject, one NIfTI per volume per run folder (kept if present)."""
+    for run in runs:
+        run_dir = session_dir / f"run-{run + 1:02d}"
+        if (run_dir / "events.tsv").is_file():
+            continue
+        simulated = world.simulate_run(HELD_OUT, 0, run)
+        write_run(
+            volumes_from_array(simulated.volumes, simulated.affine, simulated.tr_s, simulated.slice_times_s),
+            run_dir, format="nifti", speed=1e6, sleep=lambda _s: None, partial_write=False,
+        )
+        write_events_tsv(simulated.trials, run_dir / "events.tsv")
+
+
+def _test_set(world: PhantomWorld, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Test-image betas of every session, repeats averaged, and their images' tokens."""
+    data = simulated_subject_betas(world, HELD_OUT, range(world.config.experiment.sessions_per_subject))
+    images, mean_z = average_repeats(data.betas[data.is_test], data.stim_index[data.is_test])
+    return mean_z, np.asarray(tokens[images], dtype=np.float32)
+
+
+def _evaluate_bundle(bundle_dir: Path, sid: str, test_z, test_tokens, report) -> dict:
+    from calibration.bundle import SubjectBundle
+
+    model = SubjectBundle.load(bundle_dir).load_model()
+    result = retrieval_evaluation(predict_clip_tokens(model, sid, test_z), test_tokens)
+    result["in_session_held_out"] = report.evaluation
+    result["seconds"] = {k: round(v, 1) for k, v in report.seconds.items()}
+    return result
+
+
+def _ridge(session, tokens: np.ndarray, test_z: np.ndarray, test_tokens: np.ndarray) -> dict:
+    from sklearn.linear_model import RidgeCV
+
+    keep = np.all(np.isfinite(session.betas), axis=1) & ~session.is_test
+    x = session.betas[keep]
+    x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-6)
+    y = np.asarray(tokens[session.stim_index[keep]], dtype=np.float32).reshape(int(keep.sum()), -1)
+    ridge = RidgeCV(alphas=np.logspace(1, 6, 11)).fit(x, y)
+    predicted = ridge.predict(test_z).reshape(test_tokens.shape).astype(np.float32)
+    result = retrieval_evaluation(predicted, test_tokens)
+    result["alpha"] = float(ridge.alpha_)
+    return result
+
+
+def _all_sessions(world, tokens, model_dir, config, work: Path, test_z, test_tokens, runs) -> dict:
+    sid = subject_id(HELD_OUT)
+    data = simulated_subject_betas(world, HELD_OUT, range(config.experiment.sessions_per_subject), runs)
+    keep = ~data.is_test
+    dataset = SubjectDataset(sid, torch.from_numpy(data.betas[keep]),
+                             torch.from_numpy(np.asarray(tokens[data.stim_index[keep]], dtype=np.float32)),
+                             torch.from_numpy(data.stim_index[keep]))
+    model, _ = finetune(model_dir, dataset, config.training, work / "all-sessions")
+    result = retrieval_evaluation(predict_clip_tokens(model, sid, test_z), test_tokens)
+    result["n_train_trials"] = int(keep.sum())
+    return result
+
+
+def _print_table(payload: dict) -> None:
+    print(f"\nheld-out subject sub-08, {payload['n_test_images']} test images (repeats averaged), "
+          f"calibration: {payload['calibration_runs']} runs, {payload['calibration_train_trials']} training trials")
+    print(f"{'setting':<30} {'image top-1':>12} {'brain top-1':>12} {'pool':>6}")
+    for name, result in payload["results"].items():
+        print(f"{name:<30} {100 * result['image_top1']:>11.1f}% {100 * result['brain_top1']:>11.1f}% "
+              f"{result['pool_size']:>6}")
+    pre = payload["pretrain"]
+    print(f"pretraining: {pre['train_s_per_epoch']} s/epoch ({pre['epochs']} epochs, {sum(pre['n_trials'].values())} "
+          f"trials of {len(pre['subjects'])} subjects)")
+    print("seconds: " + ", ".join(f"{k} {v}" for k, v in payload["seconds"].items()))
+    print(f"peak memory: {payload['peak_rss_mb']} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,455 @@
+"""Offline single-trial betas of a calibration session, computed exactly as the live front end does.
+
+Input: a session folder of runs as the scanner wrote them. Each run is a sub-folder holding its
+volume files (Siemens MOSAIC or enhanced DICOM, or one NIfTI per volume; a single 4D NIfTI also
+works but is re-read per volume) and an ``events.tsv`` (``onset``, ``duration``, and for
+calibration ``stim_id`` or ``stim_index`` and ``is_test``; see
+:func:`rtdecoder.glm.events.read_events_tsv`). Runs are taken in name order; a session folder
+that holds an ``events.tsv`` itself is one run.
+
+Steps (:func:`estimate_session_betas`), each the one the live session uses so that live betas are
+in the units of calibration betas:
+
+1. Motion reference: the middle volume of the first run (read with
+   :func:`rtdecoder.ingest.readers.read_volume`). It is saved in the bundle and the live
+   :class:`~rtdecoder.preprocess.motion.MotionCorrector` registers to it.
+2. Mask: a given 0/1 NIfTI on the reference grid (for real data, e.g. a visual-cortex mask
+   registered to the reference), or for the phantom world the subject's ground-truth visual mask
+   (the phantom's volumes are on the subject's grid, so it needs no registration).
+3. Every volume is motion-corrected to the reference and its mask voxels read at the corrected
+   positions (:meth:`MotionCorrector.correct`, as :class:`~rtdecoder.session.frontend.FrontEnd`).
+4. ``signal_mean``: the mean corrected signal of each mask voxel over the whole session. Every
+   time series is turned into percent signal change of it, ``100 * (v / signal_mean - 1)``, with
+   the same :class:`~rtdecoder.preprocess.mask.OnlineNormaliser` the live session builds.
+5. HRF per voxel (``glm.hrf: library``): the library shape with the best single-trial R^2, summed
+   over runs (:func:`rtdecoder.glm.hrf.library_r2`). Missing volumes are linearly interpolated for
+   this choice only.
+6. Betas: one :class:`~rtdecoder.glm.incremental.IncrementalGLM` per run with the config's method
+   (LSS/LSA), drift and motion confounds, ``slice_time_ref_s=0``, fed every volume and finished;
+   the final betas are the whole-run OLS fit (missing volumes left out).
+
+Not done: GLMdenoise-style noise regressors and GLMsingle's fractional ridge regression. The
+live GLM is plain OLS, and a ridge-shrunk calibration beta would be on a different scale from the
+live betas the model then sees; z-scoring with calibration statistics would not undo that.
+
+Output (:func:`save_betas`): ``betas.nii.gz``, float32 of shape ``(n_voxels, 1, 1, n_trials)``
+(mask space: voxel ``i`` is row ``i`` of the mask's C-order voxel list, ``mask.nii.gz`` beside it)
+and ``trials.tsv`` (one row per volume of the fourth axis).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from rtdecoder.config import RTDecoderConfig
+from rtdecoder.errors import BundleError, VolumeError
+from rtdecoder.glm.events import Trial, read_events_tsv
+from rtdecoder.glm.hrf import library_r2
+from rtdecoder.glm.incremental import IncrementalGLM
+from rtdecoder.ingest.readers import read_volume
+from rtdecoder.ingest.volume import Volume
+from rtdecoder.preprocess.mask import OnlineNormaliser, VoxelMask
+from rtdecoder.preprocess.motion import MotionCorrector
+
+logger = logging.getLogger(__name__)
+
+EVENTS_NAME = "events.tsv"
+BETAS_NAME = "betas.nii.gz"
+TRIALS_NAME = "trials.tsv"
+MASK_NAME = "mask.nii.gz"
+TRIALS_COLUMNS = ("column", "run", "trial_id", "onset", "duration", "stim_id", "stim_index", "is_test")
+# Offline, nothing needs releasing before the run ends: the final betas do not depend on release
+# settings, and skipping releases avoids solving every trial at every volume.
+_NEVER_RELEASE_S = 1e9
+_SKIPPED_SUFFIXES = (".json", ".tsv", ".txt", ".md")
+
+
+@dataclass
+class RunFolder:
+    """One run of a calibration session on disk.
+
+    Attributes
+    ----------
+    label : str
+        The run folder's name (e.g. ``"run-01"``).
+    directory : Path
+    volume_paths : list of Path
+        The volume files, in name order (the readers give each its index).
+    trials : list of Trial
+        From the run's ``events.tsv``; onsets from the start of the first volume, s.
+    """
+
+    label: str
+    directory: Path
+    volume_paths: list[Path]
+    trials: list[Trial]
+
+
+@dataclass
+class SessionBetas:
+    """Single-trial betas of a calibration session and what produced them.
+
+    Attributes
+    ----------
+    betas : ndarray of shape (n_trials, n_voxels), float32
+        Percent signal change per unit regressor, mask voxel order, trials in run then schedule
+        order. Rows of trials the GLM could not estimate are NaN.
+    trials : list of Trial
+    run_labels : list of str
+        The run of each trial.
+    mask : VoxelMask
+        On the reference grid.
+    reference : ndarray of shape (nx, ny, nz), float32
+        The motion reference volume.
+    signal_mean : ndarray of shape (n_voxels,), float32
+        Mean motion-corrected signal per mask voxel over the session.
+    hrf_index : ndarray of shape (n_voxels,), int32
+        Library HRF per voxel (all 0 with a canonical HRF).
+    tr_s : float
+        Repetition time, s.
+    motion_params : dict of str to ndarray of shape (n_volumes, 6)
+        Per run: each volume's rigid motion to the reference (NaN rows for missing volumes).
+    n_missing : dict of str to int
+        Per run: volumes that were not found.
+    """
+
+    betas: np.ndarray
+    trials: list[Trial]
+    run_labels: list[str]
+    mask: VoxelMask
+    reference: np.ndarray
+    signal_mean: np.ndarray
+    hrf_index: np.ndarray
+    tr_s: float
+    motion_params: dict[str, np.ndarray] = field(default_factory=dict)
+    n_missing: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def stim_index(self) -> np.ndarray:
+        """Stimulus-bank row of each trial, shape (n_trials,), int64."""
+        return np.array([t.stim_index for t in self.trials], dtype=np.int64)
+
+    @property
+    def is_test(self) -> np.ndarray:
+        """True for test-image trials, shape (n_trials,), bool."""
+        return np.array([t.is_test for t in self.trials], dtype=bool)
+
+
+def find_runs(session_dir: str | Path) -> list[RunFolder]:
+    """The runs of a session folder: sub-folders with an ``events.tsv``, in name order.
+
+    Parameters
+    ----------
+    session_dir : str or Path
+        The session; if it holds an ``events.tsv`` itself, it is a single run.
+
+    Returns
+    -------
+    list of RunFolder
+
+    Raises
+    ------
+    BundleError
+        If the folder does not exist, holds no run, or a run holds no volume file.
+    """
+    session_dir = Path(session_dir)
+    if not session_dir.is_dir():
+        raise BundleError(f"{session_dir}: --session: expected a folder of runs (no such folder)")
+    if (session_dir / EVENTS_NAME).is_file():
+        candidates = [session_dir]
+    else:
+        candidates = sorted(p for p in session_dir.iterdir() if p.is_dir() and (p / EVENTS_NAME).is_file())
+    if not candidates:
+        raise BundleError(
+            f"{session_dir}: --session: expected run folders each holding volume files and an {EVENTS_NAME} "
+            "(found none)"
+        )
+    runs = []
+    for directory in candidates:
+        paths = sorted(
+            p for p in directory.iterdir()
+            if p.is_file() and not p.name.startswith(".") and not p.name.lower().endswith(_SKIPPED_SUFFIXES)
+        )
+        if not paths:
+            raise BundleError(f"{directory}: expected volume files (DICOM or NIfTI) beside {EVENTS_NAME} (found none)")
+        runs.append(RunFolder(directory.name, directory, paths, read_events_tsv(directory / EVENTS_NAME)))
+    return runs
+
+
+def read_run_volumes(run: RunFolder) -> list[Volume]:
+    """Read a run's volumes with the front end's reader, in index order.
+
+    A single 4D NIfTI file is read volume by volume (``index_hint``); otherwise each file is one
+    volume and carries its own index. One run is held in memory at a time.
+    """
+    if len(run.volume_paths) == 1 and _is_series(run.volume_paths[0]):
+        path = run.volume_paths[0]
+        return [read_volume(path, index_hint=index) for index in range(int(nib.load(path).shape[3]))]
+    volumes: dict[int, Volume] = {}
+    for position, path in enumerate(run.volume_paths):
+        volume = read_volume(path, index_hint=position)
+        if volume.index in volumes:
+            raise VolumeError(
+                f"{path}: index {volume.index} also in {volumes[volume.index].source}; expected one file per volume"
+            )
+        volumes[volume.index] = volume
+    return [volumes[index] for index in sorted(volumes)]
+
+
+def estimate_session_betas(
+    session_dir: str | Path,
+    config: RTDecoderConfig,
+    mask: np.ndarray | VoxelMask | str | Path,
+    progress: bool = True,
+) -> SessionBetas:
+    """Motion-correct, mask, normalise and fit single-trial betas for a whole session.
+
+    Parameters
+    ----------
+    session_dir : str or Path
+        Runs as :func:`find_runs` finds them.
+    config : RTDecoderConfig
+        Uses ``preprocess`` (motion correction) and ``glm`` (method, HRF, drift, confounds).
+    mask : ndarray of bool (nx, ny, nz), VoxelMask, str or Path
+        The voxels to model, on the reference grid; a path is read as a 0/1 NIfTI. An array takes
+        the reference's affine.
+    progress : bool, default=True
+        Show a tqdm bar over volumes.
+
+    Returns
+    -------
+    SessionBetas
+    """
+    from tqdm.auto import tqdm
+
+    runs = find_runs(session_dir)
+    first_run = read_run_volumes(runs[0])
+    reference = first_run[len(first_run) // 2]
+    affine = np.asarray(reference.affine, dtype=np.float64)
+    voxel_mask = _as_voxel_mask(mask, affine)
+    if voxel_mask.shape != tuple(reference.data.shape):
+        raise VolumeError(
+            f"{voxel_mask.source}: mask: grid {voxel_mask.shape} does not match the session's volumes "
+            f"{tuple(reference.data.shape)} ({reference.source}); the mask must be on the reference grid"
+        )
+    if not np.allclose(voxel_mask.affine, affine, atol=1e-3):
+        raise VolumeError(
+            f"{voxel_mask.source}: affine: does not match the session's volumes ({reference.source}) "
+            "within 0.001 mm; the mask must be in the reference space"
+        )
+    pre = config.preprocess
+    motion = None
+    if pre.motion_correction:
+        motion = MotionCorrector(pre.motion_max_iterations, pre.motion_tolerance_mm, pre.motion_n_samples)
+        motion.set_reference(reference.data, affine)
+    raw_runs: list[tuple[RunFolder, np.ndarray, np.ndarray, float]] = []
+    # a single 4D file per run has no per-volume file count; the bar then counts without a total
+    n_files = None if len(runs[0].volume_paths) == 1 else sum(len(run.volume_paths) for run in runs)
+    with tqdm(total=n_files, desc="calibration volumes", unit="vol", disable=not progress) as bar:
+        for number, run in enumerate(runs):
+            volumes = first_run if number == 0 else read_run_volumes(run)
+            first_run = []
+            values, params, tr_s = _correct_run(run, volumes, voxel_mask, motion, bar)
+            raw_runs.append((run, values, params, tr_s))
+            del volumes
+    tr_s = raw_runs[0][3]
+    for run, _, _, run_tr_s in raw_runs:
+        if abs(run_tr_s - tr_s) > 1e-3:
+            raise VolumeError(f"{run.directory}: TR {run_tr_s} s differs from the first run's {tr_s} s")
+
+    signal_mean = np.nanmean(np.concatenate([values for _, values, _, _ in raw_runs]), axis=0)
+    if not np.all(signal_mean > 0):
+        bad = int(np.sum(~(signal_mean > 0)))
+        raise VolumeError(
+            f"{voxel_mask.source}: mask: {bad} voxels have a non-positive mean signal over the session; "
+            "expected brain voxels (percent signal change needs a positive mean)"
+        )
+    normaliser = OnlineNormaliser.from_stats(signal_mean, signal_mean / 100.0)
+    psc_runs = [
+        (run, _normalise_rows(normaliser, values), params) for run, values, params, _ in raw_runs
+    ]
+    glm = config.glm
+    hrf_index = np.zeros(voxel_mask.n_voxels, dtype=np.int32)
+    if glm.hrf == "library":
+        hrf_index = choose_session_hrf(psc_runs, config, tr_s)
+    offline = glm.model_copy(update={"beta_wait_s": _NEVER_RELEASE_S, "publish_refinements": False})
+    betas, trials, labels = [], [], []
+    for run, psc, params in psc_runs:
+        estimator = IncrementalGLM.from_config(
+            offline, run.trials, tr_s, psc.shape[0], slice_time_ref_s=0.0,
+            hrf_per_voxel=hrf_index if glm.hrf == "library" else None,
+        ).start(voxel_mask.n_voxels)
+        for tr_index in range(psc.shape[0]):
+            if np.isnan(psc[tr_index, 0]):
+                estimator.mark_missing(tr_index)
+            else:
+                estimator.update(tr_index, psc[tr_index], np.nan_to_num(params[tr_index]))
+        for beta in estimator.finish():
+            betas.append(beta.beta)
+        trials += run.trials
+        labels += [run.label] * len(run.trials)
+    result = SessionBetas(
+        betas=np.stack(betas).astype(np.float32),
+        trials=trials,
+        run_labels=labels,
+        mask=voxel_mask,
+        reference=np.asarray(reference.data, dtype=np.float32),
+        signal_mean=signal_mean.astype(np.float32),
+        hrf_index=hrf_index,
+        tr_s=tr_s,
+        motion_params={run.label: params for run, _, params, _ in raw_runs},
+        n_missing={run.label: int(np.isnan(values[:, 0]).sum()) for run, values, _, _ in raw_runs},
+    )
+    logger.info(
+        "calibration betas: %d trials x %d voxels from %d runs", len(trials), voxel_mask.n_voxels, len(runs)
+    )
+    return result
+
+
+def choose_session_hrf(
+    psc_runs: Sequence[tuple[RunFolder, np.ndarray, np.ndarray]], config: RTDecoderConfig, tr_s: float
+) -> np.ndarray:
+    """Library HRF per voxel with the best single-trial R^2 summed over the session's runs.
+
+    Parameters
+    ----------
+    psc_runs : sequence of (RunFolder, ndarray (n_volumes, n_voxels), ndarray (n_volumes, 6))
+        Each run's percent-signal-change series and motion (NaN rows: missing volumes).
+    config : RTDecoderConfig
+        ``glm`` drift and confound settings.
+    tr_s : float
+        Repetition time, s.
+
+    Returns
+    -------
+    ndarray of shape (n_voxels,), int32
+    """
+    glm = config.glm
+    total = None
+    for run, psc, params in psc_runs:
+        psc, params = _fill_missing(psc), _fill_missing(params)
+        r2 = library_r2(
+            psc, run.trials, tr_s, 0.0, params if glm.motion_confounds else None,
+            glm.drift_model, glm.drift_order, glm.high_pass_hz,
+        )
+        total = r2 if total is None else total + r2
+    return np.argmax(total, axis=0).astype(np.int32)
+
+
+def save_betas(result: SessionBetas, directory: str | Path) -> Path:
+    """Write ``betas.nii.gz`` (mask space), ``trials.tsv`` and ``mask.nii.gz`` into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    data = result.betas.T[:, None, None, :]  # (V, 1, 1, N)
+    image = nib.Nifti1Image(np.ascontiguousarray(data, dtype=np.float32), np.eye(4))
+    image.header["descrip"] = b"rtdecoder single-trial betas, PSC, mask space"
+    nib.save(image, directory / BETAS_NAME)
+    result.mask.to_nifti(directory / MASK_NAME)
+    with open(directory / TRIALS_NAME, "w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        writer.writerow(TRIALS_COLUMNS)
+        for column, (trial, run) in enumerate(zip(result.trials, result.run_labels, strict=True)):
+            writer.writerow([
+                column, run, trial.trial_id, f"{trial.onset_s:.6g}", f"{trial.duration_s:.6g}",
+                trial.stim_id, trial.stim_index, "true" if trial.is_test else "false",
+            ])
+    return directory
+
+
+def load_betas(directory: str | Path) -> tuple[np.ndarray, list[dict[str, str]], VoxelMask]:
+    """Read what :func:`save_betas` wrote.
+
+    Returns
+    -------
+    betas : ndarray of shape (n_trials, n_voxels), float32
+    trials : list of dict
+        The rows of ``trials.tsv`` (strings, keyed by :data:`TRIALS_COLUMNS`).
+    mask : VoxelMask
+    """
+    directory = Path(directory)
+    path = directory / BETAS_NAME
+    try:
+        data = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+    except (OSError, nib.filebasedimages.ImageFileError) as err:
+        raise BundleError(f"{path}: cannot read betas: {err}") from None
+    mask = VoxelMask.from_nifti(directory / MASK_NAME)
+    if data.ndim != 4 or data.shape[:3] != (mask.n_voxels, 1, 1):
+        raise BundleError(f"{path}: expected shape ({mask.n_voxels}, 1, 1, n_trials) for the mask (got {data.shape})")
+    with open(directory / TRIALS_NAME, newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    if len(rows) != data.shape[3]:
+        raise BundleError(f"{directory / TRIALS_NAME}: {len(rows)} rows but {path} has {data.shape[3]} trials")
+    return data[:, 0, 0, :].T.copy(), rows, mask
+
+
+def _correct_run(
+    run: RunFolder, volumes: list[Volume], mask: VoxelMask, motion: MotionCorrector | None, bar
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Corrected mask values (n_volumes, V) and motion (n_volumes, 6); NaN rows for missing volumes."""
+    if motion is not None:
+        motion.reset()
+    rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    tr_s = None
+    for volume in volumes:
+        if tr_s is None:
+            tr_s = float(volume.tr_s)
+        if motion is not None:
+            values, estimate = motion.correct(volume, mask.ijk)
+            params = estimate.params
+        else:
+            mask.check_volume(volume)
+            values, params = mask.values(volume.data), np.zeros(6)
+        rows[volume.index] = (values, params)
+        bar.update(1)
+    if tr_s is None or not tr_s > 0:
+        raise VolumeError(f"{run.directory}: the volumes carry no repetition time; expected TR > 0 s")
+    n_volumes = max(rows) + 1
+    values = np.full((n_volumes, mask.n_voxels), np.nan, dtype=np.float32)
+    params = np.full((n_volumes, 6), np.nan)
+    for index, (v, p) in rows.items():
+        values[index], params[index] = v, p
+    missing = n_volumes - len(rows)
+    if missing:
+        logger.warning("%s: %d of %d volumes missing; left out of the GLM", run.label, missing, n_volumes)
+    return values, params, tr_s
+
+
+def _normalise_rows(normaliser: OnlineNormaliser, values: np.ndarray) -> np.ndarray:
+    out = np.full_like(values, np.nan)
+    for i, row in enumerate(values):
+        if not np.isnan(row[0]):
+            out[i] = normaliser.normalise(row)
+    return out
+
+
+def _fill_missing(rows: np.ndarray) -> np.ndarray:
+    """Linear interpolation over NaN rows (first/last valid row held at the ends)."""
+    missing = np.isnan(rows[:, 0])
+    if not missing.any():
+        return rows
+    good = np.flatnonzero(~missing)
+    filled = rows.copy()
+    for column in range(rows.shape[1]):
+        filled[missing, column] = np.interp(np.flatnonzero(missing), good, rows[good, column])
+    return filled
+
+
+def _as_voxel_mask(mask: np.ndarray | VoxelMask | str | Path, affine: np.ndarray) -> VoxelMask:
+    if isinstance(mask, VoxelMask):
+        return mask
+    if isinstance(mask, (str, Path)):
+        return VoxelMask.from_nifti(mask)
+    return VoxelMask(np.asarray(mask, dtype=bool), affine, source="<mask array>")
+
+
+def _is_series(path: Path) -> bool:
+    from rtdecoder.ingest.nifti import is_nifti, is_nifti_series
+
+    return is_nifti(path) and is_nifti_series(path)

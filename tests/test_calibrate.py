@@ -1,0 +1,254 @@
+"""Tests of calibration: offline betas through the front end, bundle writing, pretraining cache, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from calibration.betas import estimate_session_betas, find_runs, load_betas, save_betas
+from calibration.bundle import SubjectBundle
+from calibration.calibrate import average_repeats, calibrate, retrieval_evaluation, zscore_stats
+from calibration.pretrain import pretrain, subject_index
+from rtdecoder.cli import main
+from rtdecoder.config import config_from_dict
+from rtdecoder.embedding.base import Embedding
+from rtdecoder.errors import BundleError, ConfigError, VolumeError
+from rtdecoder.glm.events import write_events_tsv
+from rtdecoder.glm.incremental import IncrementalGLM
+from rtdecoder.phantom.scanner import volumes_from_array, write_run
+from rtdecoder.phantom.world import PhantomWorld
+from rtdecoder.preprocess.mask import OnlineNormaliser, VoxelMask
+from rtdecoder.preprocess.motion import MotionCorrector
+from rtdecoder.session.frontend import FrontEnd
+
+N_STIMULI = 30
+TOKEN_DIM = 12
+
+
+def small_config(glm=None, training=None):
+    return config_from_dict({
+        "phantom": {"grid_shape": [24, 28, 23], "voxel_size_mm": [6.0, 6.0, 6.0], "n_voxels": 120,
+                    "n_stimuli": N_STIMULI, "latent_dim": 6, "seed": 5, "n_subjects": 2, "image_size_px": 64,
+                    "motion_drift_mm": 0.0, "motion_jump_per_min": 0.0, "snr": 3.0},
+        "experiment": {"trials_per_run": 12, "runs_per_session": 2, "sessions_per_subject": 1,
+                       "n_test_images": 4, "test_repeats": 2, "lead_out_s": 9.6},
+        "embedding": {"n_tokens": 1, "token_dim": TOKEN_DIM},
+        "preprocess": {"motion_n_samples": 2000},
+        "glm": {"hrf": "library", "method": "lss", **(glm or {})},
+        "model": {"hidden_dim": 16, "n_blocks": 1, "n_tokens": 1, "token_dim": TOKEN_DIM, "clip_head_layers": 1,
+                  "use_prior": False},
+        "training": {"epochs": 2, "batch_size": 4, "mixed_precision": False, **(training or {})},
+    })
+
+
+def tiny_world(config) -> PhantomWorld:
+    rng = np.random.default_rng(2)
+    pooled = rng.normal(size=(N_STIMULI, TOKEN_DIM)).astype(np.float32)
+    return PhantomWorld(config, progress=False, embedding=Embedding(tokens=pooled[:, None, :].copy(), pooled=pooled))
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    """Two runs of subject 1 written as one NIfTI per volume, as the phantom scanner exports."""
+    config = small_config()
+    world = tiny_world(config)
+    root = tmp_path_factory.mktemp("session")
+    truth = []
+    for run in range(2):
+        simulated = world.simulate_run(1, 0, run)
+        run_dir = root / f"run-{run + 1:02d}"
+        write_run(
+            volumes_from_array(simulated.volumes, simulated.affine, simulated.tr_s, simulated.slice_times_s),
+            run_dir, format="nifti", speed=1e6, sleep=lambda _s: None, partial_write=False,
+        )
+        write_events_tsv(simulated.trials, run_dir / "events.tsv")
+        truth.append(simulated)
+    return config, world, root, truth
+
+
+@pytest.fixture(scope="module")
+def betas(session):
+    config, world, root, _ = session
+    return estimate_session_betas(root, config, world.subject(1).mask, progress=False)
+
+
+def test_betas_have_one_row_per_trial_and_follow_the_truth(session, betas) -> None:
+    config, world, _, truth = session
+    n_voxels = world.subject(1).n_voxels
+    assert betas.betas.shape == (24, n_voxels) and np.all(np.isfinite(betas.betas))
+    assert betas.run_labels == ["run-01"] * 12 + ["run-02"] * 12
+    assert [t.trial_id for t in betas.trials] == [t.trial_id for s in truth for t in s.trials]
+    assert betas.hrf_index.shape == (n_voxels,) and 0 <= betas.hrf_index.min() <= betas.hrf_index.max() < 20
+    assert np.all(betas.signal_mean > 0) and betas.reference.shape == tuple(config.phantom.grid_shape)
+    true = np.concatenate([s.true_betas for s in truth])
+    # Across trials, each voxel's estimate tracks its true amplitude (the image-driven part).
+    est_c, true_c = betas.betas - betas.betas.mean(0), true - true.mean(0)
+    r = (est_c * true_c).sum(0) / np.sqrt((est_c**2).sum(0) * (true_c**2).sum(0))
+    assert np.median(r) > 0.4
+
+
+def test_live_front_end_reproduces_calibration_betas(session, betas) -> None:
+    """A run fed through the live FrontEnd with the calibration's statistics gives the same betas."""
+    config, _, root, truth = session
+    mask = betas.mask
+    motion = MotionCorrector(10, 0.005, 2000).set_reference(betas.reference, mask.affine)
+    normaliser = OnlineNormaliser.from_stats(betas.signal_mean, betas.signal_mean / 100.0)
+    simulated = truth[1]
+    glm = IncrementalGLM.from_config(config.glm, simulated.trials, simulated.tr_s, simulated.volumes.shape[3],
+                                     hrf_per_voxel=betas.hrf_index)
+    frontend = FrontEnd(mask, glm, normaliser, motion).start()
+    runs = find_runs(root)
+    from calibration.betas import read_run_volumes
+
+    for volume in read_run_volumes(runs[1]):
+        frontend.process(volume)
+    live = np.stack([b.beta for b in frontend.finish()])
+    np.testing.assert_allclose(live, betas.betas[12:], rtol=1e-3, atol=1e-3)
+
+
+def test_betas_save_and_load_round_trip(tmp_path, betas) -> None:
+    save_betas(betas, tmp_path)
+    loaded, rows, mask = load_betas(tmp_path)
+    np.testing.assert_array_equal(loaded, betas.betas)
+    assert [r["trial_id"] for r in rows] == [t.trial_id for t in betas.trials]
+    assert rows[0]["run"] == "run-01" and mask.n_voxels == betas.mask.n_voxels
+
+
+def test_find_runs_names_the_problem(tmp_path) -> None:
+    with pytest.raises(BundleError, match="no such folder"):
+        find_runs(tmp_path / "absent")
+    with pytest.raises(BundleError, match="expected run folders"):
+        find_runs(tmp_path)
+    (tmp_path / "run-01").mkdir()
+    (tmp_path / "run-01" / "events.tsv").write_text("onset\n")
+    with pytest.raises(BundleError, match="expected volume files"):
+        find_runs(tmp_path)
+
+
+def test_mask_on_another_grid_is_rejected(session) -> None:
+    config, _, root, _ = session
+    with pytest.raises(VolumeError, match="does not match the session's volumes"):
+        estimate_session_betas(root, config, np.ones((4, 4, 4), dtype=bool), progress=False)
+
+
+def test_zscore_and_repeat_averaging(rng) -> None:
+    x = rng.normal(3.0, 2.0, size=(50, 4))
+    mean, std = zscore_stats(x)
+    z = (x - mean) / std
+    np.testing.assert_allclose(z.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(z.std(0), 1, atol=1e-5)
+    with pytest.raises(ConfigError, match="n_trials >= 2"):
+        zscore_stats(x[:1])
+    images, averaged = average_repeats(np.arange(6.0)[:, None], np.array([3, 1, 3, 1, 2, 3]))
+    assert images.tolist() == [1, 2, 3] and np.allclose(averaged.ravel(), [2.0, 4.0, 7 / 3])
+
+
+def test_retrieval_evaluation_is_perfect_for_exact_tokens(rng) -> None:
+    tokens = rng.normal(size=(10, 2, 5)).astype(np.float32)
+    result = retrieval_evaluation(tokens, tokens)
+    assert result["image_top1"] == 1.0 and result["brain_top1"] == 1.0 and result["pool_size"] == 10
+    shuffled = retrieval_evaluation(tokens, tokens[::-1].copy())
+    assert shuffled["image_top1"] < 0.5
+
+
+def test_calibrate_writes_a_bundle_the_live_decoder_loads(tmp_path, session, betas) -> None:
+    config, world, root, truth = session
+    report = calibrate(
+        config, root, tmp_path / "bundle", "sub-02", betas.mask, progress=False, session=betas,
+        bank_tokens=world.embedding.tokens, embedding_name="test-embedder",
+    )
+    bundle = SubjectBundle.load(tmp_path / "bundle")
+    assert bundle.subject_id == "sub-02" and bundle.n_voxels == betas.mask.n_voxels
+    np.testing.assert_allclose(bundle.signal_mean, betas.signal_mean)
+    np.testing.assert_array_equal(bundle.hrf_index, betas.hrf_index)
+    train_rows = ~betas.is_test
+    np.testing.assert_allclose(bundle.beta_mean, betas.betas[train_rows].mean(0), rtol=1e-4, atol=1e-5)
+    model = bundle.load_model()
+    assert model.subjects == {"sub-02": betas.mask.n_voxels}
+    bundle.check_volume(truth[0].volumes.shape[:3], truth[0].affine)
+    assert report.n_train_trials == int(train_rows.sum())
+    evaluation = json.loads((tmp_path / "bundle" / "evaluation.json").read_text())
+    assert {"image_top1", "brain_top1", "pool_size", "n_test_images"} <= set(evaluation)
+    assert evaluation["n_test_images"] == len(set(betas.stim_index[betas.is_test].tolist()))
+    assert (tmp_path / "bundle" / "betas" / "betas.nii.gz").is_file()
+    assert bundle.metadata["calibration_runs"] == ["run-01", "run-02"]
+    assert bundle.embedding_name == "test-embedder"
+
+
+def test_pretrain_caches_and_calibration_fine_tunes_it(tmp_path, session, betas) -> None:
+    config, world, root, _ = session
+    config = small_config(training={"epochs": 1, "batch_size": 4})
+    first = pretrain(config, tmp_path / "pre", subjects=[0], world=world, progress=False)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    again = pretrain(config, tmp_path / "pre", subjects=[0], world=world, progress=False)
+    assert again == first and (first / "model.safetensors").stat().st_mtime_ns == stamp
+    record = json.loads((tmp_path / "pre" / "pretrain.json").read_text())
+    n_train = sum(not t.is_test for run in range(2) for t in world.subject(0).schedule.run(0, run))
+    assert record["subjects"] == ["sub-01"] and record["n_trials"]["sub-01"] == n_train
+    report = calibrate(
+        config, root, tmp_path / "bundle", "sub-02", betas.mask, pretrained_dir=first, progress=False,
+        session=betas, bank_tokens=world.embedding.tokens,
+    )
+    model = SubjectBundle.load(report.bundle_dir).load_model()
+    from safetensors.torch import load_file
+
+    shared_before = load_file(str(first / "model.safetensors"))["token_proj.weight"]
+    assert not torch.equal(model.token_proj.weight.detach(), shared_before)  # fine-tuned, not frozen
+    bigger = small_config(training={"epochs": 1, "batch_size": 4}).model_copy(
+        update={"model": config.model.model_copy(update={"hidden_dim": 32})}
+    )
+    with pytest.raises(BundleError, match="hidden_dim differ"):
+        calibrate(bigger, root, tmp_path / "b2", "sub-02", betas.mask, pretrained_dir=first, progress=False,
+                  session=betas, bank_tokens=world.embedding.tokens)
+
+
+def test_subject_index_parses_phantom_ids() -> None:
+    assert subject_index("sub-08", 8) == 7
+    with pytest.raises(ConfigError, match="expected sub-01 .. sub-08"):
+        subject_index("sub-09", 8)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys) -> None:
+    assert main(["calibrate", "--session", str(tmp_path / "nope"), "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such folder" in err
+    assert main(["pretrain", "--out", str(tmp_path / "p"), "--subjects", "0-9"]) == 1
+    assert "--subjects" in capsys.readouterr().err
+
+
+def test_voxel_mask_from_given_file(tmp_path, session, betas) -> None:
+    config, _, root, _ = session
+    path = tmp_path / "mask.nii.gz"
+    VoxelMask(betas.mask.grid, betas.mask.affine).to_nifti(path)
+    again = estimate_session_betas(root, config.model_copy(update={"glm": config.glm.model_copy(
+        update={"hrf": "canonical"})}), path, progress=False)
+    assert again.mask.n_voxels == betas.mask.n_voxels and np.all(again.hrf_index == 0)
+
+
+def test_calibrate_command_end_to_end(tmp_path, session, capsys) -> None:
+    """The command on the phantom world: default mask and stimulus bank, EfficientNet tokens."""
+    _, _, root, _ = session
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "preset: phantom\n"
+        "phantom: {grid_shape: [24, 28, 23], voxel_size_mm: [6.0, 6.0, 6.0], n_voxels: 120, n_stimuli: 30,\n"
+        "          latent_dim: 6, seed: 5, n_subjects: 2, image_size_px: 64, motion_drift_mm: 0.0,\n"
+        "          motion_jump_per_min: 0.0, snr: 3.0}\n"
+        "experiment: {trials_per_run: 12, runs_per_session: 2, sessions_per_subject: 1, n_test_images: 4,\n"
+        "             test_repeats: 2, lead_out_s: 9.6}\n"
+        f"embedding: {{cache_dir: {tmp_path / 'cache'}}}\n"
+        "preprocess: {motion_n_samples: 2000}\n"
+        "model: {hidden_dim: 8, n_blocks: 0, clip_head_layers: 1, use_prior: false}\n"
+        "training: {epochs: 1, batch_size: 4}\n"
+    )
+    out = tmp_path / "bundle"
+    code = main(["calibrate", "--config", str(config), "--session", str(root), "--out", str(out),
+                 "--subject-id", "sub-02", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "held-out retrieval among" in printed
+    bundle = SubjectBundle.load(out)
+    assert bundle.embedding_name.startswith("efficientnet") and bundle.load_model().config.n_tokens == 49
