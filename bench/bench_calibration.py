@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--work", default="rtdecoder-cache/bench-calibration", help="cache of sessions and models")
     parser.add_argument("--runs", type=int, help="runs of the calibration session (default: all)")
     parser.add_argument("--pretrain-sessions", default="all", help="sessions of each pretraining subject")
+    parser.add_argument("--pretrain-runs", type=int, help="runs per session for pretraining and (d) (default: --runs)")
     parser.add_argument("--epochs", type=int, help="override training.epochs")
     parser.add_argument("--hidden-dim", type=int, help="override model.hidden_dim")
     parser.add_argument("--no-prior", action="store_true", help="model.use_prior: false (retrieval needs no prior)")
@@ -91,8 +92,9 @@ def main() -> None:
     if args.pretrain_batch_size:
         pre_config = config.model_copy(update={"training": config.training.model_copy(
             update={"batch_size": args.pretrain_batch_size})})
-    # with --runs, pretraining subjects and (d) use the same runs of each session as calibration
-    runs_arg = runs if args.runs else None
+    # fewer runs per session for pretraining and (d) only to save time; recorded in the JSON
+    pretrain_runs = args.pretrain_runs or args.runs
+    runs_arg = list(range(pretrain_runs)) if pretrain_runs else None
     model_dir = pretrain(pre_config, work / "pretrained", range(7), pre_sessions, world=world, runs=runs_arg)
     record = json.loads((work / "pretrained" / "pretrain.json").read_text())
     seconds["pretrain_total_incl_cache"] = time.perf_counter() - started
@@ -131,6 +133,7 @@ def main() -> None:
         "config": args.config,
         "overrides": overrides,
         "calibration_runs": len(runs),
+        "pretrain_and_d_runs_per_session": len(runs_arg) if runs_arg else exp.runs_per_session,
         "calibration_train_trials": report_a.n_train_trials,
         "pretrain": record,
         "n_test_images": int(len(test_z)),
