@@ -9,12 +9,13 @@ image and brain retrieval top-1 among 300 (all test images when fewer) for
     leave-one-out CV), the Brain-Diffuser approach, on the same session's betas;
 (d) the pretrained model fine-tuned on all of the subject's sessions.
 
-Data paths. The calibration session of (a), (b), (c) goes through the real path: simulated
-volumes written as one NIfTI per volume, read back, motion-corrected, masked, per-voxel HRF and
-offline GLM (:func:`calibration.betas.estimate_session_betas`). Pretraining subjects, the extra
-sessions of (d) and the test betas come from direct simulation (``phantom generate --level
-betas``), z-scored per session with that session's training trials. Test images are the shared
-images (``experiment.n_test_images`` x ``test_repeats``) from every session of the subject.
+Data paths. Every session of the held-out subject goes through the real path: simulated volumes
+written as one NIfTI per volume, read back, motion-corrected, masked, per-voxel HRF and offline
+GLM (:func:`calibration.betas.estimate_session_betas`), then z-scored per session with that
+session's training trials. (a), (b), (c) train on session 0; (d) on every session; the test set
+is the shared images (``experiment.n_test_images`` x ``test_repeats``) of every session, repeats
+averaged, never trained on. Pretraining subjects come from direct simulation (``phantom generate
+--level betas``), as MindEye2 pretrains on released betas.
 
 Also measured: pretraining seconds per epoch, calibration seconds (betas, training) and the peak
 resident memory of the process (``resource.getrusage``). Prints a table and writes
@@ -42,8 +43,8 @@ import numpy as np
 import torch
 
 from calibration.betas import estimate_session_betas
-from calibration.calibrate import average_repeats, calibrate, predict_clip_tokens, retrieval_evaluation
-from calibration.pretrain import pretrain, simulated_subject_betas, subject_id
+from calibration.calibrate import average_repeats, calibrate, predict_clip_tokens, retrieval_evaluation, zscore_stats
+from calibration.pretrain import pretrain, subject_id
 from calibration.train import SubjectDataset, finetune
 from rtdecoder.config import load_config
 from rtdecoder.glm.events import write_events_tsv
@@ -99,24 +100,28 @@ def main() -> None:
     record = json.loads((work / "pretrained" / "pretrain.json").read_text())
     seconds["pretrain_total_incl_cache"] = time.perf_counter() - started
 
-    session_dir = work / "session"
     started = time.perf_counter()
-    _write_session(world, session_dir, runs)
-    seconds["simulate_and_write_volumes"] = time.perf_counter() - started
-    started = time.perf_counter()
+    n_sessions = exp.sessions_per_subject
+    for session_index in range(n_sessions):
+        _write_session(world, work / f"session-{session_index}", session_index, runs)
+    seconds["simulate_and_write_volumes_all_sessions"] = time.perf_counter() - started
     mask = world.subject(HELD_OUT).mask
-    session = estimate_session_betas(session_dir, config, mask, progress=True)
+    started = time.perf_counter()
+    session = estimate_session_betas(work / "session-0", config, mask, progress=True)
     seconds["calibration_betas"] = time.perf_counter() - started
+    sessions = [session] + [
+        estimate_session_betas(work / f"session-{k}", config, mask, progress=True) for k in range(1, n_sessions)
+    ]
 
-    test_z, test_tokens = _test_set(world, tokens)
+    test_z, test_tokens = _test_set(sessions, tokens)
     results = {}
     started = time.perf_counter()
-    report_a = calibrate(config, session_dir, work / "bundle-a", sid, mask, pretrained_dir=model_dir,
+    report_a = calibrate(config, work / "session-0", work / "bundle-a", sid, mask, pretrained_dir=model_dir,
                          session=session, bank_tokens=tokens, embedding_name="phantom")
     seconds["calibration_training_a"] = time.perf_counter() - started
     results["a_pretrained_1_session"] = _evaluate_bundle(work / "bundle-a", sid, test_z, test_tokens, report_a)
     started = time.perf_counter()
-    report_b = calibrate(config, session_dir, work / "bundle-b", sid, mask, pretrained_dir=None,
+    report_b = calibrate(config, work / "session-0", work / "bundle-b", sid, mask, pretrained_dir=None,
                          session=session, bank_tokens=tokens, embedding_name="phantom")
     seconds["calibration_training_b"] = time.perf_counter() - started
     results["b_scratch_1_session"] = _evaluate_bundle(work / "bundle-b", sid, test_z, test_tokens, report_b)
@@ -124,8 +129,7 @@ def main() -> None:
     results["c_ridge_1_session"] = _ridge(session, tokens, test_z, test_tokens)
     seconds["ridge"] = time.perf_counter() - started
     started = time.perf_counter()
-    results["d_pretrained_all_sessions"] = _all_sessions(
-        world, tokens, model_dir, config, work, test_z, test_tokens, runs_arg)
+    results["d_pretrained_all_sessions"] = _all_sessions(sessions, tokens, model_dir, config, work, test_z, test_tokens)
     seconds["all_sessions_training"] = time.perf_counter() - started
 
     payload = {
@@ -149,13 +153,13 @@ def main() -> None:
     _print_table(payload)
 
 
-def _write_session(world: PhantomWorld, session_dir: Path, runs: list[int]) -> None:
-    """Session 0 of the held-out subject, one NIfTI per volume per run folder (kept if present)."""
+def _write_session(world: PhantomWorld, session_dir: Path, session: int, runs: list[int]) -> None:
+    """One session of the held-out subject, one NIfTI per volume per run folder (kept if present)."""
     for run in runs:
         run_dir = session_dir / f"run-{run + 1:02d}"
         if (run_dir / "events.tsv").is_file():
             continue
-        simulated = world.simulate_run(HELD_OUT, 0, run)
+        simulated = world.simulate_run(HELD_OUT, session, run)
         write_run(
             volumes_from_array(simulated.volumes, simulated.affine, simulated.tr_s, simulated.slice_times_s),
             run_dir, format="nifti", speed=1e6, sleep=lambda _s: None, partial_write=False,
@@ -163,10 +167,22 @@ def _write_session(world: PhantomWorld, session_dir: Path, runs: list[int]) -> N
         write_events_tsv(simulated.trials, run_dir / "events.tsv")
 
 
-def _test_set(world: PhantomWorld, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Test-image betas of every session, repeats averaged, and their images' tokens."""
-    data = simulated_subject_betas(world, HELD_OUT, range(world.config.experiment.sessions_per_subject))
-    images, mean_z = average_repeats(data.betas[data.is_test], data.stim_index[data.is_test])
+def _zscored(session) -> tuple[np.ndarray, np.ndarray]:
+    """A session's finite betas z-scored with its own training trials, and which rows those are."""
+    finite = np.all(np.isfinite(session.betas), axis=1)
+    mean, std = zscore_stats(session.betas[finite & ~session.is_test])
+    return (session.betas - mean) / std, finite
+
+
+def _test_set(sessions: list, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Test-image betas of every session (GLM path), repeats averaged, and their images' tokens."""
+    betas, stim = [], []
+    for session in sessions:
+        z, finite = _zscored(session)
+        keep = finite & session.is_test
+        betas.append(z[keep])
+        stim.append(session.stim_index[keep])
+    images, mean_z = average_repeats(np.concatenate(betas), np.concatenate(stim))
     return mean_z, np.asarray(tokens[images], dtype=np.float32)
 
 
@@ -183,27 +199,31 @@ def _evaluate_bundle(bundle_dir: Path, sid: str, test_z, test_tokens, report) ->
 def _ridge(session, tokens: np.ndarray, test_z: np.ndarray, test_tokens: np.ndarray) -> dict:
     from sklearn.linear_model import RidgeCV
 
-    keep = np.all(np.isfinite(session.betas), axis=1) & ~session.is_test
-    x = session.betas[keep]
-    x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-6)
+    z, finite = _zscored(session)
+    keep = finite & ~session.is_test
     y = np.asarray(tokens[session.stim_index[keep]], dtype=np.float32).reshape(int(keep.sum()), -1)
-    ridge = RidgeCV(alphas=np.logspace(1, 6, 11)).fit(x, y)
+    ridge = RidgeCV(alphas=np.logspace(1, 6, 11)).fit(z[keep], y)
     predicted = ridge.predict(test_z).reshape(test_tokens.shape).astype(np.float32)
     result = retrieval_evaluation(predicted, test_tokens)
     result["alpha"] = float(ridge.alpha_)
     return result
 
 
-def _all_sessions(world, tokens, model_dir, config, work: Path, test_z, test_tokens, runs) -> dict:
+def _all_sessions(sessions: list, tokens, model_dir, config, work: Path, test_z, test_tokens) -> dict:
     sid = subject_id(HELD_OUT)
-    data = simulated_subject_betas(world, HELD_OUT, range(config.experiment.sessions_per_subject), runs)
-    keep = ~data.is_test
-    dataset = SubjectDataset(sid, torch.from_numpy(data.betas[keep]),
-                             torch.from_numpy(np.asarray(tokens[data.stim_index[keep]], dtype=np.float32)),
-                             torch.from_numpy(data.stim_index[keep]))
+    betas, stim = [], []
+    for session in sessions:
+        z, finite = _zscored(session)
+        keep = finite & ~session.is_test
+        betas.append(z[keep].astype(np.float32))
+        stim.append(session.stim_index[keep])
+    betas_all, stim_all = np.concatenate(betas), np.concatenate(stim)
+    dataset = SubjectDataset(sid, torch.from_numpy(betas_all),
+                             torch.from_numpy(np.asarray(tokens[stim_all], dtype=np.float32)),
+                             torch.from_numpy(stim_all))
     model, _ = finetune(model_dir, dataset, config.training, work / "all-sessions")
     result = retrieval_evaluation(predict_clip_tokens(model, sid, test_z), test_tokens)
-    result["n_train_trials"] = int(keep.sum())
+    result["n_train_trials"] = int(len(betas_all))
     return result
 
 

@@ -31,14 +31,13 @@ def _generators(config):
         PhantomGenerator,
         PhantomGeneratorNet,
         load_phantom_net,
-        phantom_cache_key,
+        phantom_weights_folder,
     )
 
     gen = config.generator
-    root = Path(gen.cache_dir) / f"phantom-{phantom_cache_key(config)}"
     found = {}
     for role, steps in (("teacher", gen.n_steps), ("student", gen.student_steps)):
-        folder = root / role
+        folder = phantom_weights_folder(config, role)
         if (folder / WEIGHTS_NAME).is_file():
             found[role] = (PhantomGenerator(load_phantom_net(folder), f"phantom-{role}"), steps, True)
         else:

@@ -198,7 +198,10 @@ def pretrain(
     torch.manual_seed(config.training.seed)
     model = MindEye2(config.model, {sid: ds.betas.shape[1] for sid, ds in datasets.items()})
     started = time.perf_counter()
-    result = train(model, datasets, config.training, out_dir, progress=progress)
+    recipe = config.training.model_copy(
+        update={"epochs": config.training.pretrain_epochs, "batch_size": config.training.pretrain_batch_size}
+    )
+    result = train(model, datasets, recipe, out_dir, progress=progress)
     train_s = time.perf_counter() - started
     record = {
         "key": key,

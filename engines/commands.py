@@ -41,6 +41,11 @@ def add_engines_commands(groups: argparse._SubParsersAction) -> None:
             cmd.add_argument("--repeats", type=int, default=20)
     train = sub.add_parser("train-generator", help="train (or load) the phantom generator and its student")
     train.add_argument("--config", default="phantom", help="preset name or YAML file (default: phantom)")
+    train.add_argument(
+        "--ship", action="store_true",
+        help="also copy the weights into the package (rtdecoder/decode/generators/phantom_weights), "
+        "so installs of this source tree start with them",
+    )
     train.set_defaults(handler=_train_generator)
 
 
@@ -150,4 +155,15 @@ def _train_generator(args: argparse.Namespace) -> int:
     student = load_or_distill_phantom_student(config)
     print(f"{teacher.name}: {config.generator.n_steps} steps; {student.name}: {config.generator.student_steps} steps; "
           f"cached under {config.generator.cache_dir}")
+    if args.ship:
+        import shutil
+
+        from rtdecoder.decode.generators.phantom_unet import SHIPPED_WEIGHTS_DIR, phantom_cache_key
+
+        name = f"phantom-{phantom_cache_key(config)}"
+        for role in ("teacher", "student"):
+            source = Path(config.generator.cache_dir) / name / role
+            if source.is_dir() and source.resolve() != (SHIPPED_WEIGHTS_DIR / name / role).resolve():
+                shutil.copytree(source, SHIPPED_WEIGHTS_DIR / name / role, dirs_exist_ok=True)
+        print(f"shipped in {SHIPPED_WEIGHTS_DIR / name}")
     return 0

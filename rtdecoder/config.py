@@ -170,6 +170,8 @@ class TrainingConfig(Section):
 
     epochs: int = Field(150, ge=1)
     batch_size: int = Field(24, ge=2)
+    pretrain_epochs: int = Field(150, ge=1, description="epochs of multi-subject pretraining")
+    pretrain_batch_size: int = Field(42, ge=2, description="global batch of pretraining (paper: 6 per subject x 7)")
     lr: float = Field(3e-4, gt=0.0)
     weight_decay: float = Field(1e-2, ge=0.0)
     mixco_fraction: float = Field(1 / 3, ge=0.0, le=1.0, description="share of epochs with BiMixCo")

@@ -307,3 +307,19 @@ def test_decode_lowlevel_uses_the_vae_scale(sgm_checkpoint):
     assert images.shape == (1, 8, 8, 3)  # 2 levels: one x2 upsampling
     np.testing.assert_allclose(images.astype(float), ((expected.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).numpy(),
                                atol=1)
+
+
+def test_shipped_weights_are_found_before_the_cache(tmp_path, monkeypatch):
+    from rtdecoder.config import load_config
+    from rtdecoder.decode.generators import phantom_unet
+
+    config = load_config("phantom", overrides={"generator": {"cache_dir": str(tmp_path / "cache")}})
+    name = f"phantom-{phantom_unet.phantom_cache_key(config)}"
+    monkeypatch.setattr(phantom_unet, "SHIPPED_WEIGHTS_DIR", tmp_path / "shipped")
+    assert phantom_unet.phantom_weights_folder(config, "student") == tmp_path / "cache" / name / "student"
+    shipped = tmp_path / "shipped" / name / "student"
+    shipped.mkdir(parents=True)
+    (shipped / phantom_unet.WEIGHTS_NAME).write_bytes(b"")
+    assert phantom_unet.phantom_weights_folder(config, "student") == shipped
+    other = config.model_copy(update={"phantom": config.phantom.model_copy(update={"seed": 1})})
+    assert phantom_unet.phantom_weights_folder(other, "student").parent.parent == tmp_path / "cache"

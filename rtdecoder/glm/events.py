@@ -93,7 +93,7 @@ def read_events_tsv(path: str | Path) -> list[Trial]:
         if len(row) != len(header):
             raise EventsFileError(f"{path}: line {line}: expected {len(header)} tab-separated values (got {len(row)})")
 
-        def cell(name: str) -> str | None:
+        def cell(name: str, row: list[str] = row) -> str | None:
             value = row[col[name]] if name in col else None
             return None if value in (None, "", "n/a") else value
 

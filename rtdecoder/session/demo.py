@@ -27,6 +27,7 @@ def run_demo(
     work_dir: str | Path,
     speed: float = 8.0,
     calibration_runs: int | None = None,
+    pretrain_sessions: int = 1,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the demo; returns the report's figures plus what the subscriber saw.
@@ -41,6 +42,9 @@ def run_demo(
         The live run's scanner plays this many times faster than real time.
     calibration_runs : int, optional
         Runs of the calibration session (default: a whole session, ``runs_per_session``).
+    pretrain_sessions : int, default=1
+        Sessions of each pretraining subject (one keeps the demo within minutes on 2 cores;
+        ``rtdecoder pretrain`` uses them all).
     """
     from calibration.bundle import SubjectBundle
     from calibration.calibrate import calibrate
@@ -64,7 +68,8 @@ def run_demo(
     held_out = config.phantom.n_subjects - 1
     subject = subject_id(held_out)
     logger.info("demo: pretraining on subjects 0..%d (cached after the first time)", held_out - 1)
-    pretrained = pretrain(config, work_dir / "pretrained", subjects=range(held_out), world=world, progress=progress)
+    pretrained = pretrain(config, work_dir / "pretrained", subjects=range(held_out),
+                          sessions=range(pretrain_sessions), world=world, progress=progress)
 
     bundle_dir = work_dir / "bundle"
     if not (bundle_dir / "metadata.json").is_file():

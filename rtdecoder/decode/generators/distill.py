@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,9 +32,9 @@ from rtdecoder.decode.generators.phantom_unet import (
     alpha_sigma,
     load_or_train_phantom_generator,
     load_phantom_net,
-    phantom_cache_key,
     phantom_split,
     phantom_training_data,
+    phantom_weights_folder,
     save_phantom_net,
 )
 from rtdecoder.errors import ConfigError
@@ -182,7 +181,7 @@ def load_or_distill_phantom_student(config: Any, progress: bool = True) -> Phant
     distils on the same training stimuli; weights go to ``.../phantom-<key>/student``.
     """
     gen = config.generator
-    folder = Path(gen.cache_dir) / f"phantom-{phantom_cache_key(config)}" / "student"
+    folder = phantom_weights_folder(config, "student")
     if not (folder / WEIGHTS_NAME).is_file():
         teacher = load_or_train_phantom_generator(config, progress)
         train_idx, _ = phantom_split(config.phantom.n_stimuli)

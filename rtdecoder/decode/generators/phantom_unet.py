@@ -274,6 +274,21 @@ def phantom_cache_key(config: Any) -> str:
 
 
 HELD_OUT_FRACTION = 0.1
+SHIPPED_WEIGHTS_DIR = Path(__file__).parent / "phantom_weights"
+
+
+def phantom_weights_folder(config: Any, role: str) -> Path:
+    """Where the phantom ``role`` ("teacher" or "student") weights for this config live.
+
+    Weights shipped with the package (made by ``rtdecoder engines train-generator --ship`` for the
+    ``phantom`` preset) are used when their key matches; otherwise the cache folder, where they are
+    trained on first use.
+    """
+    name = f"phantom-{phantom_cache_key(config)}"
+    shipped = SHIPPED_WEIGHTS_DIR / name / role
+    if (shipped / WEIGHTS_NAME).is_file():
+        return shipped
+    return Path(config.generator.cache_dir) / name / role
 
 
 def phantom_split(n_stimuli: int) -> tuple[np.ndarray, np.ndarray]:
@@ -304,15 +319,16 @@ def phantom_training_data(config: Any, indices: np.ndarray, progress: bool = Tru
 
     ph = config.phantom
     bank = StimulusBank.build(ph.n_stimuli, size_px=ph.image_size_px, seed=ph.seed)
+    # The whole bank's embedding is the one every other part caches; index it rather than cache a subset.
     embedding = EmbeddingCache(config.embedding.cache_dir).get_or_compute(
-        make_embedder(config.embedding), bank, indices, progress=progress
+        make_embedder(config.embedding), bank, progress=progress
     )
     side = config.generator.image_size_px
     small = []
     for start in range(0, len(indices), 256):  # full-size crops in chunks: 3000 x 224 px is 450 MB
         chunk = from_uint8(bank.images(indices[start:start + 256]), side)
         small.append(to_uint8(chunk))
-    return np.concatenate(small), torch.from_numpy(embedding.tokens)
+    return np.concatenate(small), torch.from_numpy(np.ascontiguousarray(embedding.tokens[indices]))
 
 
 def load_or_train_phantom_generator(config: Any, progress: bool = True) -> PhantomGenerator:
@@ -329,7 +345,7 @@ def load_or_train_phantom_generator(config: Any, progress: bool = True) -> Phant
     progress : bool, default=True
         tqdm bars while embedding and training.
     """
-    folder = Path(config.generator.cache_dir) / f"phantom-{phantom_cache_key(config)}" / "teacher"
+    folder = phantom_weights_folder(config, "teacher")
     if not (folder / WEIGHTS_NAME).is_file():
         train_idx, _ = phantom_split(config.phantom.n_stimuli)
         images, tokens = phantom_training_data(config, train_idx, progress)
