@@ -7,7 +7,8 @@ image and brain retrieval top-1 among 300 (all test images when fewer) for
 (b) the same session, trained from scratch with the same recipe;
 (c) ridge regression voxels -> flattened image tokens (sklearn ``RidgeCV``, alpha by
     leave-one-out CV), the Brain-Diffuser approach, on the same session's betas;
-(d) the pretrained model fine-tuned on all of the subject's sessions.
+(d) the pretrained model fine-tuned on all of the subject's sessions (the same number of optimiser
+    steps as (a): ``training.epochs`` divided by the number of sessions).
 
 Data paths. Every session of the held-out subject goes through the real path: simulated volumes
 written as one NIfTI per volume, read back, motion-corrected, masked, per-voxel HRF and offline
@@ -70,7 +71,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/calibration.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)
 
     overrides: dict = {}
     if args.epochs:
@@ -221,9 +222,12 @@ def _all_sessions(sessions: list, tokens, model_dir, config, work: Path, test_z,
     dataset = SubjectDataset(sid, torch.from_numpy(betas_all),
                              torch.from_numpy(np.asarray(tokens[stim_all], dtype=np.float32)),
                              torch.from_numpy(stim_all))
-    model, _ = finetune(model_dir, dataset, config.training, work / "all-sessions")
+    # As many optimiser steps as the one-session calibration: the epochs are shared over the sessions.
+    recipe = config.training.model_copy(update={"epochs": max(1, config.training.epochs // len(sessions))})
+    model, _ = finetune(model_dir, dataset, recipe, work / "all-sessions")
     result = retrieval_evaluation(predict_clip_tokens(model, sid, test_z), test_tokens)
     result["n_train_trials"] = int(len(betas_all))
+    result["epochs"] = recipe.epochs
     return result
 
 

@@ -47,6 +47,7 @@ def add_session_commands(groups: argparse._SubParsersAction) -> None:
     demo.add_argument("--speed", type=float, default=8.0, help="live scanner speed-up over real time (default 8)")
     demo.add_argument("--calibration-runs", type=int, default=None, help="default: a whole session")
     demo.add_argument("--pretrain-sessions", type=int, default=1, help="sessions per pretraining subject (default 1)")
+    demo.add_argument("--pretrain-epochs", type=int, default=2, help="pretraining epochs of the demo (default 2)")
     demo.set_defaults(handler=_demo)
 
 
@@ -95,7 +96,8 @@ def _demo(args: argparse.Namespace) -> int:
     if args.speed <= 0:
         raise ConfigError(f"--speed: expected a positive factor (got {args.speed})")
     figures = run_demo(load_config(args.config), args.work_dir, speed=args.speed,
-                       calibration_runs=args.calibration_runs, pretrain_sessions=args.pretrain_sessions)
+                       calibration_runs=args.calibration_runs, pretrain_sessions=args.pretrain_sessions,
+                       pretrain_epochs=args.pretrain_epochs)
     for key, value in figures.items():
         print(f"{key:36s} {value}")
     return 0 if figures["messages_missing_at_subscriber"] == 0 else 1

@@ -28,6 +28,7 @@ def run_demo(
     speed: float = 8.0,
     calibration_runs: int | None = None,
     pretrain_sessions: int = 1,
+    pretrain_epochs: int | None = 2,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the demo; returns the report's figures plus what the subscriber saw.
@@ -45,6 +46,9 @@ def run_demo(
     pretrain_sessions : int, default=1
         Sessions of each pretraining subject (one keeps the demo within minutes on 2 cores;
         ``rtdecoder pretrain`` uses them all).
+    pretrain_epochs : int or None, default=2
+        Pretraining epochs for the demo (``None``: ``training.pretrain_epochs``). The demo's
+        pretrained model is a quick one; ``bench/bench_calibration.py`` measures the full recipe.
     """
     from calibration.bundle import SubjectBundle
     from calibration.calibrate import calibrate
@@ -63,6 +67,9 @@ def run_demo(
             update={"result_address": "tcp://127.0.0.1:*", "control_address": "tcp://127.0.0.1:*"}
         ),
     })
+    if pretrain_epochs is not None:
+        config = config.model_copy(update={"training": config.training.model_copy(
+            update={"pretrain_epochs": pretrain_epochs})})
     started = time.monotonic()
     world = PhantomWorld(config, progress=progress)
     held_out = config.phantom.n_subjects - 1
