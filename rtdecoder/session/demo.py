@@ -89,9 +89,12 @@ def run_demo(
             if not (run_dir / "events.tsv").is_file():
                 volumes = volumes_from_array(simulated.volumes, simulated.affine, simulated.tr_s,
                                              simulated.slice_times_s, series=f"run-{run + 1:02d}")
-                write_run(volumes, run_dir, format="nifti", speed=1e9, partial_write=False)
+                # Exported as the live run will be (Siemens MOSAIC), so the bundle's grid and the
+                # live volumes' grid are the same voxel axes.
+                write_run(volumes, run_dir, format="mosaic", speed=1e9, sleep=lambda _s: None, partial_write=False)
                 write_events_tsv(simulated.trials, run_dir / "events.tsv")
-        calibrate(config, session_dir, bundle_dir, subject_id=subject, mask=world.subject(held_out).mask,
+        calibrate(config, session_dir, bundle_dir, subject_id=subject,
+                  mask=_mask_as_exported(world.subject(held_out), session_dir / "run-01"),
                   pretrained_dir=pretrained, progress=progress)
     bundle = SubjectBundle.load(bundle_dir)
     decoder = LiveDecoder.from_bundle(bundle, config)
@@ -162,3 +165,24 @@ def run_demo(
     })
     return figures
 
+
+def _mask_as_exported(subject: Any, run_dir: Path) -> Any:
+    """The subject's visual mask in the voxel axes of its exported DICOMs.
+
+    Siemens MOSAIC files store rows and columns in the scanner's LPS-based order, so the reader's
+    array is the phantom's grid with axes flipped (same world positions, different voxel order).
+    """
+    import nibabel as nib
+    import numpy as np
+
+    from rtdecoder.ingest.readers import read_volume
+
+    first = read_volume(next(p for p in sorted(run_dir.iterdir()) if p.suffix == ".dcm"))
+    transform = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(subject.affine), nib.orientations.io_orientation(first.affine)
+    )
+    mask = nib.orientations.apply_orientation(subject.mask, transform).astype(bool)
+    expected = nib.orientations.inv_ornt_aff(transform, subject.mask.shape)
+    if not np.allclose(subject.affine @ expected, first.affine, atol=1e-3):
+        raise DecoderError(f"{first.source}: the exported grid is not the phantom subject's grid re-ordered")
+    return mask
