@@ -40,7 +40,8 @@ def small_config(glm=None, training=None):
         "glm": {"hrf": "library", "method": "lss", **(glm or {})},
         "model": {"hidden_dim": 16, "n_blocks": 1, "n_tokens": 1, "token_dim": TOKEN_DIM, "clip_head_layers": 1,
                   "use_prior": False},
-        "training": {"epochs": 2, "batch_size": 4, "mixed_precision": False, **(training or {})},
+        "training": {"epochs": 2, "batch_size": 4, "pretrain_epochs": 2, "pretrain_batch_size": 4, "mixed_precision": False,
+                     **(training or {})},
     })
 
 
@@ -180,7 +181,7 @@ def test_calibrate_writes_a_bundle_the_live_decoder_loads(tmp_path, session, bet
 
 def test_pretrain_caches_and_calibration_fine_tunes_it(tmp_path, session, betas) -> None:
     config, world, root, _ = session
-    config = small_config(training={"epochs": 1, "batch_size": 4})
+    config = small_config(training={"epochs": 1, "batch_size": 4, "pretrain_epochs": 1})
     first = pretrain(config, tmp_path / "pre", subjects=[0], world=world, progress=False)
     stamp = (first / "model.safetensors").stat().st_mtime_ns
     again = pretrain(config, tmp_path / "pre", subjects=[0], world=world, progress=False)
@@ -197,7 +198,7 @@ def test_pretrain_caches_and_calibration_fine_tunes_it(tmp_path, session, betas)
 
     shared_before = load_file(str(first / "model.safetensors"))["token_proj.weight"]
     assert not torch.equal(model.token_proj.weight.detach(), shared_before)  # fine-tuned, not frozen
-    bigger = small_config(training={"epochs": 1, "batch_size": 4}).model_copy(
+    bigger = small_config(training={"epochs": 1, "batch_size": 4, "pretrain_epochs": 1}).model_copy(
         update={"model": config.model.model_copy(update={"hidden_dim": 32})}
     )
     with pytest.raises(BundleError, match="hidden_dim differ"):
@@ -242,7 +243,7 @@ def test_calibrate_command_end_to_end(tmp_path, session, capsys) -> None:
         f"embedding: {{cache_dir: {tmp_path / 'cache'}}}\n"
         "preprocess: {motion_n_samples: 2000}\n"
         "model: {hidden_dim: 8, n_blocks: 0, clip_head_layers: 1, use_prior: false}\n"
-        "training: {epochs: 1, batch_size: 4}\n"
+        "training: {epochs: 1, batch_size: 4, pretrain_epochs: 1, pretrain_batch_size: 4}\n"
     )
     out = tmp_path / "bundle"
     code = main(["calibrate", "--config", str(config), "--session", str(root), "--out", str(out),

@@ -76,3 +76,17 @@ def test_survives_sigkill_mid_stream(tmp_path) -> None:
     records = Journal(path).open().records_
     assert len(records) >= 50
     assert [r["i"] for r in records] == list(range(len(records)))
+
+
+def test_reading_while_appending_does_not_cut_the_file(tmp_path) -> None:
+    from rtdecoder.session.journal import read_records
+
+    path = tmp_path / "journal.bin"
+    journal = Journal(path).open()
+    journal.append({"kind": "a"})
+    with path.open("ab") as handle:  # a record caught half-written by a reader
+        handle.write(b"\x10\x00\x00\x00\x81")
+    size = path.stat().st_size
+    assert [r["kind"] for r in read_records(path)] == ["a"]
+    assert path.stat().st_size == size
+    journal.close()

@@ -24,7 +24,7 @@ from rtdecoder.glm.events import Trial, write_events_tsv
 from rtdecoder.glm.hrf import canonical_hrf
 from rtdecoder.phantom.scanner import FaultPlan, volumes_from_array, write_run
 from rtdecoder.publish.client import ResultSubscriber
-from rtdecoder.session.journal import Journal
+from rtdecoder.session.journal import read_records
 from rtdecoder.session.report import write_report
 from rtdecoder.session.runner import JOURNAL_NAME, Decoded, LiveSession, RunPlan
 
@@ -179,7 +179,7 @@ def test_slow_decoder_skips_reconstructions_not_retrievals(tmp_path, rng) -> Non
     # The first reconstruction takes until three more betas wait: a decoder that fell behind.
     decoder.hold_until = lambda: session._decode_queue.qsize() >= 3
     summary = session.run(RunPlan("run-01", watch, N_VOLUMES, TR_S, trials))
-    records = Journal(tmp_path / "session" / JOURNAL_NAME).open().records_
+    records = read_records(tmp_path / "session" / JOURNAL_NAME)
     decodes = [r["message"]["data"] for r in records if r["kind"] == "published" and r["message"]["topic"] == "decode"]
     assert sorted(d["trial_id"] for d in decodes) == [t.trial_id for t in trials]
     assert all(d["retrieval"]["ids"] for d in decodes)
@@ -199,7 +199,7 @@ def test_bundle_that_does_not_match_the_volumes_is_refused(tmp_path, rng) -> Non
 
 
 def _published(session_dir: Path) -> list[dict]:
-    return [r["message"] for r in Journal(session_dir / JOURNAL_NAME).open().records_ if r["kind"] == "published"]
+    return [r["message"] for r in read_records(session_dir / JOURNAL_NAME) if r["kind"] == "published"]
 
 
 def test_sigkill_and_resume_loses_and_duplicates_nothing(tmp_path, rng) -> None:
@@ -247,3 +247,23 @@ def test_sigkill_and_resume_loses_and_duplicates_nothing(tmp_path, rng) -> None:
     assert sorted(firsts) == [t.trial_id for t in trials]
     finals = [m["data"]["trial_id"] for m in published if m["topic"] == "beta" and m["data"]["is_final"]]
     assert sorted(finals) == [t.trial_id for t in trials]
+
+
+def test_slow_subscriber_never_delays_the_session(tmp_path, rng) -> None:
+    volumes, affine, trials, bundle, _ = _synthetic_run(rng)
+    watch = tmp_path / "export"
+    watch.mkdir()
+    session = LiveSession(bundle.config, bundle, tmp_path / "session", FakeDecoder())
+    thread, result = _start(session, RunPlan("run-01", watch, N_VOLUMES, TR_S, trials))
+    slow = _subscribe(session)
+    _write(volumes, affine, watch)
+    thread.join(60)  # the session ends while the subscriber has read almost nothing
+    assert not thread.is_alive() and "error" not in result
+    published = [m["seq"] for m in _published(tmp_path / "session")]
+    received = []
+    while (message := slow.receive(timeout_s=0.5)) is not None:
+        received.append(message.seq)
+        time.sleep(0.002)
+    assert received == [s for s in published if s >= received[0]], "queued messages arrive in order, none lost"
+    assert received[-1] == published[-1]
+    slow.close()

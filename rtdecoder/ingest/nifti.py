@@ -45,7 +45,8 @@ def is_nifti_series(path: str | Path) -> bool:
     """
     try:
         return len(nib.load(Path(path), mmap=False).shape) == 4
-    except (EOFError, OSError, zlib.error, ValueError) as err:
+    except (EOFError, OSError, zlib.error, ValueError, nib.wrapstruct.WrapStructError,
+            nib.filebasedimages.ImageFileError) as err:
         raise IncompleteVolumeError(f"{path}: not complete yet: header unreadable ({err})") from None
 
 

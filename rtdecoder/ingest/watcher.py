@@ -195,8 +195,15 @@ class VolumeCollector:
             state.next_volume += 1
 
     def _more_to_come(self, path: Path, state: _Pending) -> bool:
-        if path not in self._growing and not (is_nifti(path) and is_nifti_series(path)):
-            return False
+        if path not in self._growing:
+            try:
+                series = is_nifti(path) and is_nifti_series(path)
+            except IncompleteVolumeError:
+                # Rewritten since it was read (a duplicate export): the volume read is kept, and
+                # the rewrite arrives as a new event, which ordering drops as a duplicate.
+                series = False
+            if not series:
+                return False
         # A 4D file may grow until the run ends, so it is never done.
         self._growing[path] = state
         self._pending.pop(path, None)

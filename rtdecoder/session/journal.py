@@ -104,6 +104,14 @@ class Journal:
         self.close()
 
 
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The whole records of a journal, read-only (safe while a session is appending to it)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [record for record, _end in _iter_records(path.read_bytes())]
+
+
 def _iter_records(data: bytes) -> Iterator[tuple[dict[str, Any], int]]:
     """Whole records and the offset after each; stops at the first torn or corrupt one."""
     offset = 0

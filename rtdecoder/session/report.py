@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from rtdecoder.publish.messages import message_from_map
-from rtdecoder.session.journal import Journal
+from rtdecoder.session.journal import read_records
 
 
 def write_report(
@@ -50,9 +50,8 @@ def write_report(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    journal = Journal(Path(session_dir) / "journal.bin").open()
-    messages = [message_from_map(r["message"]) for r in journal.records_ if r["kind"] == "published"]
-    journal.close()
+    records = read_records(Path(session_dir) / "journal.bin")
+    messages = [message_from_map(r["message"]) for r in records if r["kind"] == "published"]
     messages = [m for m in messages if m.data.get("run") == run]
     volumes = [m for m in messages if m.topic == "volume"]
     firsts = [m for m in messages if m.topic == "beta" and not m.data["is_update"] and not m.data["is_final"]]

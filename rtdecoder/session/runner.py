@@ -437,8 +437,15 @@ class _Run:
         if not self.state.volumes:
             return
         released: list[TrialBeta] = []
+        announced = {
+            m.data["tr_index"] for m in self.state.messages
+            if m.topic == "volume" and m.data.get("run") == self.plan.run
+        }
         for record in sorted(self.state.volumes, key=lambda r: r["tr_index"]):
             released += self._replay_one(record.get("values"), record.get("motion"), record["tr_index"])
+            if record["tr_index"] not in announced:
+                # Journaled, then killed before its message went out: send it now.
+                self.publish("volume", _replayed_volume_data(self.plan.run, record), dict(record.get("t") or {}))
         self.summary.resumed_from_tr_index = self.next_index
         # A crash between journaling a volume and publishing the betas it released loses
         # nothing: the replay releases them again and the ones never published go out now.
@@ -591,6 +598,18 @@ def _volume_data(run: str, processed: ProcessedVolume) -> dict[str, Any]:
         "fd_mm": None if motion is None else float(motion.fd_mm),
         "motion": None if motion is None else [float(p) for p in motion.params],
         "n_betas": len(processed.betas),
+    }
+
+
+def _replayed_volume_data(run: str, record: dict[str, Any]) -> dict[str, Any]:
+    missing = record["kind"] == "missing"
+    return {
+        "run": run,
+        "tr_index": record["tr_index"],
+        "missing": missing,
+        "fd_mm": None if missing else float(record["fd_mm"]),
+        "motion": None if missing else [float(p) for p in record["motion"]],
+        "n_betas": None,
     }
 
 
