@@ -18,6 +18,7 @@ published but not yet decoded are decoded.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -43,7 +44,7 @@ from rtdecoder.preprocess.motion import MotionCorrector
 from rtdecoder.publish.messages import Message, message_from_map
 from rtdecoder.publish.publisher import ResultPublisher
 from rtdecoder.session.frontend import FrontEnd, ProcessedVolume
-from rtdecoder.session.journal import Journal
+from rtdecoder.session.journal import Journal, read_records
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,8 @@ class LiveSession:
         """Process one run to its end; returns counts and latencies."""
         stop = stop or threading.Event()
         journal = Journal(self.session_dir / JOURNAL_NAME, fsync=self.config.session.journal_fsync).open()
-        state = _JournalState.read(journal.records_, plan.run)
+        state = _JournalState.read(journal.records_, plan.run, self.config.publish.history_size)
+        journal.records_ = []  # everything needed is in ``state``; the rest stays on disk
         if state.session_id is None:
             state.session_id = uuid.uuid4().hex[:12]
             journal.append({"kind": "session_start", "session": state.session_id, "time": time.time()})
@@ -166,10 +168,10 @@ class LiveSession:
             self.config.publish,
             state.session_id,
             next_seq=state.next_seq,
-            history=state.messages[-self.config.publish.history_size :],
+            history=list(state.recent),
             on_onset=self._take_onset,
             status=lambda: {"run": plan.run, "volumes": summary.n_volumes, "betas": summary.n_betas},
-            older_history=lambda from_seq: [m for m in state.messages if m.seq >= from_seq],
+            older_history=lambda from_seq: _published_since(journal.path, from_seq),
         ).start()
         self.ready.set()
         run = _Run(self, plan, journal, state, summary)
@@ -195,27 +197,34 @@ class LiveSession:
 
 @dataclass
 class _JournalState:
-    """What the journal says already happened (for resuming)."""
+    """What the journal says already happened (for resuming).
+
+    Only this run's messages and the newest ``history_size`` are kept in memory; older ones are
+    read back from the journal file when a client asks to resend them, so memory does not grow
+    with the length of the session.
+    """
 
     session_id: str | None = None
     messages: list[Message] = field(default_factory=list)
+    recent: collections.deque[Message] = field(default_factory=collections.deque)
     volumes: list[dict[str, Any]] = field(default_factory=list)
     announced_trials: list[dict[str, Any]] = field(default_factory=list)
     run_ended: bool = False
-
-    @property
-    def next_seq(self) -> int:
-        return self.messages[-1].seq + 1 if self.messages else 0
+    next_seq: int = 0
 
     @classmethod
-    def read(cls, records: list[dict[str, Any]], run: str) -> _JournalState:
-        state = cls()
+    def read(cls, records: list[dict[str, Any]], run: str, history_size: int) -> _JournalState:
+        state = cls(recent=collections.deque(maxlen=history_size))
         for record in records:
             kind = record["kind"]
             if kind == "session_start":
                 state.session_id = record["session"]
             elif kind == "published":
-                state.messages.append(message_from_map(record["message"]))
+                message = message_from_map(record["message"])
+                state.next_seq = message.seq + 1
+                state.recent.append(message)
+                if message.data.get("run") == run:
+                    state.messages.append(message)
             elif kind in ("volume", "missing") and record["run"] == run:
                 state.volumes.append(record)
             elif kind == "onset" and record["run"] == run:
@@ -223,6 +232,14 @@ class _JournalState:
             elif kind == "run_end" and record["run"] == run:
                 state.run_ended = True
         return state
+
+
+def _published_since(journal_path: Path, from_seq: int) -> list[Message]:
+    """Published messages from ``from_seq`` on, read back from the journal file."""
+    return [
+        message_from_map(r["message"]) for r in read_records(journal_path)
+        if r["kind"] == "published" and r["message"]["seq"] >= from_seq
+    ]
 
 
 class _Run:
