@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -36,10 +35,6 @@ def rss_mb() -> float:
     with open("/proc/self/statm") as handle:
         pages = int(handle.read().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _run_into(session, plan, outcome: dict) -> None:
-    outcome["summary"] = session.run(plan)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,9 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     from calibration.bundle import SubjectBundle
     from rtdecoder.config import load_config
     from rtdecoder.decode.live import LiveDecoder
-    from rtdecoder.phantom.scanner import volumes_from_array, write_run
     from rtdecoder.phantom.world import PhantomWorld
-    from rtdecoder.publish.client import ResultSubscriber
+    from rtdecoder.session.demo import scan_and_decode
     from rtdecoder.session.runner import LiveSession, RunPlan
 
     torch.set_num_threads(1)
@@ -84,32 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
             watch.mkdir()
             plan = RunPlan(label, watch, simulated.volumes.shape[3], simulated.tr_s, simulated.trials)
             session = LiveSession(config, bundle, session_dir, decoder)
-            outcome: dict = {}
-            thread = threading.Thread(target=_run_into, args=(session, plan, outcome))
-            thread.start()
-            session.ready.wait(60)
-            subscriber = ResultSubscriber(session.publisher.result_endpoint_)
-            received = []
-            while not received:
-                message = subscriber.receive(timeout_s=0.2)
-                if message is not None:
-                    received.append(message)
-            volumes = volumes_from_array(simulated.volumes, simulated.affine, simulated.tr_s,
-                                         simulated.slice_times_s, series=label)
-            scanner = threading.Thread(target=write_run, args=(volumes, watch),
-                                       kwargs={"format": "mosaic", "tr_s": simulated.tr_s, "speed": args.speed})
-            scanner.start()
-            while True:
-                message = subscriber.receive(timeout_s=1.0)
-                if message is not None:
-                    received.append(message)
-                    if message.topic == "status" and message.data.get("state") == "run_end":
-                        break
-                elif not thread.is_alive():
-                    break
-            scanner.join()
-            thread.join()
-            subscriber.close()
+            summary, received = scan_and_decode(session, plan, simulated, args.speed)
             seqs = [m.seq for m in received]
             gaps = len(set(range(seqs[0], seqs[-1] + 1)) - set(seqs))
             lost += gaps
@@ -119,7 +88,6 @@ def main(argv: list[str] | None = None) -> dict:
                          if m.topic == "decode" and m.t.get("file_complete")]
             all_volume_ms += volume_ms
             all_decode_ms += decode_ms
-            summary = outcome["summary"]
             rows.append({
                 "run": label,
                 "volumes": summary.n_volumes,

@@ -57,7 +57,6 @@ def run_demo(
     from rtdecoder.glm.events import write_events_tsv
     from rtdecoder.phantom.scanner import volumes_from_array, write_run
     from rtdecoder.phantom.world import PhantomWorld
-    from rtdecoder.publish.client import ResultSubscriber
     from rtdecoder.session.report import write_report
     from rtdecoder.session.runner import LiveSession, RunPlan
 
@@ -109,46 +108,8 @@ def run_demo(
     watch_dir.mkdir(parents=True, exist_ok=True)
     plan = RunPlan("run-01", watch_dir, live.volumes.shape[3], live.tr_s, live.trials)
     session = LiveSession(config, bundle, session_dir, decoder)
-    outcome: dict[str, Any] = {}
-
-    def run_session() -> None:
-        try:
-            outcome["summary"] = session.run(plan)
-        except Exception as err:  # reported in the main thread
-            outcome["error"] = err
-
-    session_thread = threading.Thread(target=run_session, name="rtdecoder-demo-session")
-    session_thread.start()
-    if not session.ready.wait(60):
-        raise DecoderError("demo: the live session did not start within 60 s")
-    subscriber = ResultSubscriber(session.publisher.result_endpoint_)
-    received = []
-    while not received:  # heartbeats: wait until the subscription is through before scanning
-        message = subscriber.receive(timeout_s=0.2)
-        if message is not None:
-            received.append(message)
     logger.info("demo: scanning the live run (%d volumes) at %.0fx real time", plan.n_volumes, speed)
-    scanner = threading.Thread(
-        target=write_run,
-        args=(volumes_from_array(live.volumes, live.affine, live.tr_s, live.slice_times_s, series="run-01"),
-              watch_dir),
-        kwargs={"format": "mosaic", "tr_s": live.tr_s, "speed": speed},
-        name="rtdecoder-demo-scanner",
-    )
-    scanner.start()
-    while True:
-        message = subscriber.receive(timeout_s=1.0)
-        if message is not None:
-            received.append(message)
-            if message.topic == "status" and message.data.get("state") == "run_end":
-                break
-        elif not session_thread.is_alive():
-            break
-    scanner.join()
-    session_thread.join()
-    subscriber.close()
-    if "error" in outcome:
-        raise outcome["error"]
+    _summary, received = scan_and_decode(session, plan, live, speed)
 
     seqs = [m.seq for m in received]
     gaps = sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs))
@@ -186,3 +147,52 @@ def _mask_as_exported(subject: Any, run_dir: Path) -> Any:
     if not np.allclose(subject.affine @ expected, first.affine, atol=1e-3):
         raise DecoderError(f"{first.source}: the exported grid is not the phantom subject's grid re-ordered")
     return mask
+
+
+def scan_and_decode(session: Any, plan: Any, simulated: Any, speed: float) -> tuple[Any, list[Any]]:
+    """Play one simulated run through the phantom scanner while ``session`` decodes it live.
+
+    A subscriber joins first (it waits for a heartbeat, so nothing is published before it
+    listens), then the scanner writes ``simulated`` as Siemens MOSAIC into ``plan.watch_dir`` at
+    ``speed`` times real time. Returns the run's summary and every message the subscriber got.
+    """
+    from rtdecoder.phantom.scanner import volumes_from_array, write_run
+    from rtdecoder.publish.client import ResultSubscriber
+
+    outcome: dict[str, Any] = {}
+
+    def run_session() -> None:
+        try:
+            outcome["summary"] = session.run(plan)
+        except Exception as err:  # re-raised in the calling thread
+            outcome["error"] = err
+
+    session_thread = threading.Thread(target=run_session, name="rtdecoder-live-session")
+    session_thread.start()
+    if not session.ready.wait(60):
+        raise DecoderError("the live session did not start within 60 s")
+    subscriber = ResultSubscriber(session.publisher.result_endpoint_)
+    received = []
+    while not received:
+        message = subscriber.receive(timeout_s=0.2)
+        if message is not None:
+            received.append(message)
+    volumes = volumes_from_array(simulated.volumes, simulated.affine, simulated.tr_s, simulated.slice_times_s,
+                                 series=plan.run)
+    scanner = threading.Thread(target=write_run, args=(volumes, plan.watch_dir), name="rtdecoder-phantom-scanner",
+                               kwargs={"format": "mosaic", "tr_s": simulated.tr_s, "speed": speed})
+    scanner.start()
+    while True:
+        message = subscriber.receive(timeout_s=1.0)
+        if message is not None:
+            received.append(message)
+            if message.topic == "status" and message.data.get("state") == "run_end":
+                break
+        elif not session_thread.is_alive():
+            break
+    scanner.join()
+    session_thread.join()
+    subscriber.close()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["summary"], received
