@@ -33,6 +33,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import platform
@@ -93,7 +94,7 @@ def main() -> None:
     pre_config = config
     if args.pretrain_batch_size:
         pre_config = config.model_copy(update={"training": config.training.model_copy(
-            update={"batch_size": args.pretrain_batch_size})})
+            update={"pretrain_batch_size": args.pretrain_batch_size})})
     # fewer runs per session for pretraining and (d) only to save time; recorded in the JSON
     pretrain_runs = args.pretrain_runs or args.runs
     runs_arg = list(range(pretrain_runs)) if pretrain_runs else None
@@ -103,26 +104,30 @@ def main() -> None:
 
     started = time.perf_counter()
     n_sessions = exp.sessions_per_subject
+    # The volumes depend on the world, scanner and experiment; a changed preset gets fresh folders.
+    volumes_key = hashlib.sha256(json.dumps([config.phantom.model_dump(), config.scanner.model_dump(),
+                                             config.experiment.model_dump()], sort_keys=True).encode()).hexdigest()[:12]
+    session_dirs = [work / f"volumes-{volumes_key}" / f"session-{k}" for k in range(n_sessions)]
     for session_index in range(n_sessions):
-        _write_session(world, work / f"session-{session_index}", session_index, runs)
+        _write_session(world, session_dirs[session_index], session_index, runs)
     seconds["simulate_and_write_volumes_all_sessions"] = time.perf_counter() - started
     mask = world.subject(HELD_OUT).mask
     started = time.perf_counter()
-    session = estimate_session_betas(work / "session-0", config, mask, progress=True)
+    session = estimate_session_betas(session_dirs[0], config, mask, progress=True)
     seconds["calibration_betas"] = time.perf_counter() - started
     sessions = [session] + [
-        estimate_session_betas(work / f"session-{k}", config, mask, progress=True) for k in range(1, n_sessions)
+        estimate_session_betas(session_dirs[k], config, mask, progress=True) for k in range(1, n_sessions)
     ]
 
     test_z, test_tokens = _test_set(sessions, tokens)
     results = {}
     started = time.perf_counter()
-    report_a = calibrate(config, work / "session-0", work / "bundle-a", sid, mask, pretrained_dir=model_dir,
+    report_a = calibrate(config, session_dirs[0], work / "bundle-a", sid, mask, pretrained_dir=model_dir,
                          session=session, bank_tokens=tokens, embedding_name="phantom")
     seconds["calibration_training_a"] = time.perf_counter() - started
     results["a_pretrained_1_session"] = _evaluate_bundle(work / "bundle-a", sid, test_z, test_tokens, report_a)
     started = time.perf_counter()
-    report_b = calibrate(config, work / "session-0", work / "bundle-b", sid, mask, pretrained_dir=None,
+    report_b = calibrate(config, session_dirs[0], work / "bundle-b", sid, mask, pretrained_dir=None,
                          session=session, bank_tokens=tokens, embedding_name="phantom")
     seconds["calibration_training_b"] = time.perf_counter() - started
     results["b_scratch_1_session"] = _evaluate_bundle(work / "bundle-b", sid, test_z, test_tokens, report_b)

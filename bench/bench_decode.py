@@ -85,7 +85,8 @@ def main() -> None:
                     generator.generate(tokens, gen_steps, seed=i)
                     t3 = time.perf_counter()
                     if i >= 2:
-                        for key, dt in (("tokens", t1 - t0), ("prior", t2 - t1), ("image", t3 - t2), ("total", t3 - t0)):
+                        stages = (("tokens", t1 - t0), ("prior", t2 - t1), ("image", t3 - t2), ("total", t3 - t0))
+                        for key, dt in stages:
                             times[key].append(1000 * dt)
                 row = {"backend": engine.name, "generator": generator.name + ("" if trained else " (untrained)"),
                        "prior_steps": prior_steps, "image_steps": gen_steps}

@@ -2,10 +2,10 @@
 
 Two sizes: the NSD grid (81 x 104 x 83 at 1.8 mm, 15,000 mask voxels) and the phantom preset's
 (48 x 56 x 46 at 3 mm, 2,500 mask voxels). Volumes are EPI-like images made from nilearn's bundled
-MNI152 templates, moved along a drifting trajectory with a jump (up to 3 mm / 3 degrees) with
-noise, as in tests/test_motion.py. Each volume is timed from its array to the corrected mask
-values with numpy's default threads (only the small BLAS products may use a second core; set
-OPENBLAS_NUM_THREADS=1 to compare).
+MNI152 templates (``rtdecoder.phantom.anatomy.template_epi``), moved along a drifting trajectory
+with a jump (up to 3 mm / 3 degrees) with noise, as in tests/test_motion.py. Each volume is timed
+from its array to the corrected mask values with numpy's default threads (only the small BLAS
+products may use a second core; set OPENBLAS_NUM_THREADS=1 to compare).
 
 Run::
 
@@ -26,27 +26,13 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from rtdecoder.phantom.anatomy import template_epi
 from rtdecoder.preprocess.motion import MotionCorrector, rigid_matrix
 
 SIZES = {
     "nsd": ((81, 104, 83), 1.8, 15000),
     "phantom": ((48, 56, 46), 3.0, 2500),
 }
-
-
-# Copied from tests/test_motion.py (anatomy fixture); keep the two in step.
-def load_anatomy() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """EPI-like image, brain mask and affine of the MNI152 template at 2 mm."""
-    from nilearn import datasets
-
-    grey = datasets.load_mni152_gm_template(resolution=2)
-    affine = grey.affine
-    grey_matter = grey.get_fdata()
-    white_matter = datasets.load_mni152_wm_template(resolution=2).get_fdata()
-    brain = datasets.load_mni152_brain_mask(resolution=2).get_fdata()
-    csf = np.clip(brain - grey_matter - white_matter, 0.0, 1.0)
-    epi = 0.75 * grey_matter + 0.45 * white_matter + 1.0 * csf + 0.05
-    return ndimage.gaussian_filter(epi, 1.0).astype(np.float32), brain, affine
 
 
 def acquire(image, image_affine, params, shape, affine) -> np.ndarray:
@@ -126,7 +112,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/motion.json"))
     args = parser.parse_args()
 
-    anatomy = load_anatomy()
+    anatomy = template_epi()
     rng = np.random.default_rng(args.seed)
     rows = [bench_size(name, anatomy, args.n_volumes, rng) for name in SIZES]
 

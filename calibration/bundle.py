@@ -150,7 +150,9 @@ class SubjectBundle:
         meta_path = directory / "metadata.json"
         metadata = _read_json(meta_path)
         if metadata.get("_class_name") != "SubjectBundle":
-            raise BundleError(f"{meta_path}: _class_name: expected 'SubjectBundle' (got {metadata.get('_class_name')!r})")
+            raise BundleError(
+                f"{meta_path}: _class_name: expected 'SubjectBundle' (got {metadata.get('_class_name')!r})"
+            )
         if metadata.get("_version") != BUNDLE_VERSION:
             raise BundleError(f"{meta_path}: _version: expected {BUNDLE_VERSION} (got {metadata.get('_version')!r})")
         config = read_saved_config(directory / "config.json")
@@ -189,7 +191,9 @@ class SubjectBundle:
                 f"{meta_path}: n_voxels: {metadata.get('n_voxels')} but mask.nii.gz has {bundle.n_voxels} voxels"
             )
         if bundle.model_dir is not None and not (model_dir / "config.json").is_file():
-            raise BundleError(f"{model_dir}: metadata.json says the bundle has a model, but model/config.json is missing")
+            raise BundleError(
+                f"{model_dir}: metadata.json says the bundle has a model, but model/config.json is missing"
+            )
         return bundle
 
     def load_model(self, device: str = "cpu") -> Any:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rtdecoder.config import RTDecoderConfig
+from rtdecoder.config import RTDecoderConfig, TrainingConfig
 from rtdecoder.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -118,14 +118,28 @@ def simulated_subject_betas(
     )
 
 
+def pretraining_recipe(config: RTDecoderConfig) -> TrainingConfig:
+    """The training settings of pretraining: ``training`` with its pretraining epochs and batch."""
+    training = config.training
+    return training.model_copy(update={"epochs": training.pretrain_epochs, "batch_size": training.pretrain_batch_size})
+
+
 def pretraining_key(
     config: RTDecoderConfig, subjects: Sequence[int], sessions: Sequence[int], runs: Sequence[int] | None = None
 ) -> str:
-    """Hash of everything the pretrained model depends on (hex, 16 characters)."""
+    """Hash of everything the pretrained model depends on (hex, 16 characters).
+
+    Fine-tuning-only settings (calibration epochs and batch, ``finetune_shared_lr_scale``) and
+    checkpoint frequency leave the key alone.
+    """
     parts = {
         name: getattr(config, name).model_dump(mode="json")
-        for name in ("phantom", "experiment", "scanner", "embedding", "model", "training")
+        for name in ("phantom", "experiment", "scanner", "embedding", "model")
     }
+    parts["training"] = pretraining_recipe(config).model_dump(
+        mode="json", exclude={"pretrain_epochs", "pretrain_batch_size", "finetune_shared_lr_scale",
+                              "checkpoint_every_epochs"},
+    )
     parts["subjects"] = list(subjects)
     parts["sessions"] = list(sessions)
     parts["runs"] = None if runs is None else list(runs)
@@ -198,10 +212,7 @@ def pretrain(
     torch.manual_seed(config.training.seed)
     model = MindEye2(config.model, {sid: ds.betas.shape[1] for sid, ds in datasets.items()})
     started = time.perf_counter()
-    recipe = config.training.model_copy(
-        update={"epochs": config.training.pretrain_epochs, "batch_size": config.training.pretrain_batch_size}
-    )
-    result = train(model, datasets, recipe, out_dir, progress=progress)
+    result = train(model, datasets, pretraining_recipe(config), out_dir, progress=progress)
     train_s = time.perf_counter() - started
     record = {
         "key": key,

@@ -159,6 +159,7 @@ def train(
     progress: bool = True,
     device: str | torch.device = "cpu",
     stop_after_steps: int | None = None,
+    shared_lr_scale: float = 1.0,
 ) -> TrainResult:
     """Train ``model`` on the subjects in ``datasets`` with the MindEye2 recipe.
 
@@ -179,6 +180,10 @@ def train(
     stop_after_steps : int, optional
         Stop (and checkpoint) once this many steps are done in total, as if interrupted; the
         schedule still spans all epochs.
+    shared_lr_scale : float, default=1.0
+        Learning rate of every parameter outside the trained subjects' adapters, as a fraction
+        of ``config.lr`` (the adapters get ``config.lr``). :func:`finetune` passes
+        ``config.finetune_shared_lr_scale``.
 
     Returns
     -------
@@ -202,10 +207,10 @@ def train(
 
     torch.manual_seed(config.seed + rank)
     model.to(device).train()
-    optimizer = _make_optimizer(model, config)
+    optimizer = _make_optimizer(model, config, set(datasets), shared_lr_scale)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
-        max_lr=config.lr,
+        max_lr=[group["lr"] for group in optimizer.param_groups],
         total_steps=total_steps,
         # OneCycle needs a warm-up of at least 2 steps and a decay phase; tiny runs get that
         pct_start=min(max(config.warmup_epochs / config.epochs, 2 / total_steps), 0.5),
@@ -285,7 +290,8 @@ def finetune(
     """Fine-tune a pretrained model for a new subject with the same recipe.
 
     Loads the shared model, adds a fresh adapter for ``dataset``'s voxel count (replacing one of
-    the same id), and trains everything on that subject's trials.
+    the same id), and trains everything on that subject's trials, the pretrained weights at
+    ``config.finetune_shared_lr_scale`` times the adapter's learning rate.
 
     Parameters
     ----------
@@ -310,6 +316,7 @@ def finetune(
         for subject_id in list(model.adapters):
             model.remove_subject(subject_id)
     model.add_subject(dataset.subject_id, dataset.betas.shape[1])
+    train_kwargs.setdefault("shared_lr_scale", config.finetune_shared_lr_scale)
     result = train(model, {dataset.subject_id: dataset}, config, out_dir, **train_kwargs)
     return model, result
 
@@ -358,16 +365,21 @@ def _check_inputs(
     return per_subject
 
 
-def _make_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=config.lr,
-    )
+def _make_optimizer(
+    model: MindEye2, config: TrainingConfig, trained_subjects: set[str], shared_lr_scale: float
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only; the trained subjects' adapters at ``config.lr``
+    and everything else at ``config.lr * shared_lr_scale``."""
+    adapter_ids = {id(p) for s in trained_subjects for p in model.adapters[s].parameters()}
+    groups = []
+    for is_adapter in (True, False):
+        lr = config.lr if is_adapter else config.lr * shared_lr_scale
+        params = [p for p in model.parameters() if (id(p) in adapter_ids) == is_adapter]
+        groups += [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay, "lr": lr},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr},
+        ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
 
 
 def _autocast(config: TrainingConfig, device: torch.device):

@@ -58,7 +58,8 @@ def _setup(args: argparse.Namespace):
     torch.set_num_threads(1)
     config = load_config(args.config)
     model = MindEye2.from_pretrained(args.model).eval()
-    folder = Path(args.out) if args.out else Path(config.generator.engine_dir) / f"{Path(args.model).name}-{args.subject}"
+    default_folder = Path(config.generator.engine_dir) / f"{Path(args.model).name}-{args.subject}"
+    folder = Path(args.out) if args.out else default_folder
     return config, model, folder
 
 

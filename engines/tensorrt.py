@@ -35,7 +35,9 @@ def import_tensorrt() -> Any:
     try:
         import tensorrt as trt
     except ImportError as err:
-        raise DecoderError(f"tensorrt backend: the 'tensorrt' package is not installed ({err}); {INSTALL_HINT}") from None
+        raise DecoderError(
+            f"tensorrt backend: the 'tensorrt' package is not installed ({err}); {INSTALL_HINT}"
+        ) from None
     return trt
 
 

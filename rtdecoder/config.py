@@ -24,6 +24,12 @@ from rtdecoder.errors import ConfigError
 
 CONFIG_VERSION = 1
 
+# Keys that files written by :func:`save_config` may still hold but that no longer exist. They are
+# dropped on reading so that subject bundles calibrated before a key was retired still load; YAML
+# files get no such leniency (a stale key there is reported, so its author removes it).
+_RETIRED_SAVED_KEYS: tuple[tuple[str, str], ...] = (
+    ("generator", "retrieval_top_k"),  # a never-read duplicate of session.retrieval_top_k
+)
 
 
 class Section(BaseModel):
@@ -49,7 +55,9 @@ class PhantomConfig(Section):
         description="single-trial response std / std of its least-squares estimation noise",
     )
     noise_ar1: float = Field(0.4, ge=0.0, lt=1.0)
-    physio_fraction: float = Field(0.3, ge=0.0, le=1.0, description="share of noise variance that is cardiac/respiratory")
+    physio_fraction: float = Field(
+        0.3, ge=0.0, le=1.0, description="share of noise variance that is cardiac/respiratory"
+    )
     drift_fraction: float = Field(0.5, ge=0.0, description="low-frequency drift std / noise std")
     motion_drift_mm: float = Field(0.3, ge=0.0, description="std of slow head drift over a run")
     motion_jump_per_min: float = Field(0.3, ge=0.0, description="rate of sudden head jumps")
@@ -189,6 +197,10 @@ class TrainingConfig(Section):
     softclip_temperature_start: float = Field(0.004, gt=0.0)
     softclip_temperature_end: float = Field(0.0075, gt=0.0)
     checkpoint_every_epochs: int = Field(1, ge=1)
+    finetune_shared_lr_scale: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="fine-tuning: learning rate of the pretrained weights / the new adapter's (paper: 1)",
+    )
 
 
 class PublishConfig(Section):
@@ -229,7 +241,6 @@ class GeneratorConfig(Section):
     phantom_cross_dim: int = Field(64, ge=8, description="tokens are projected to this width")
     distill_steps_per_round: int = Field(150, ge=1)
     lowlevel_weight: float = Field(0.25, ge=0.0, le=1.0, description="share of the blurry image in the blend")
-    retrieval_top_k: int = Field(5, ge=1)
     engine_backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
     engine_dir: str = "rtdecoder-cache/engines"
     onnx_opset: int = Field(18, ge=13)
@@ -355,6 +366,9 @@ def read_saved_config(path: str | Path) -> RTDecoderConfig:
     version = raw.get("_version")
     if version != CONFIG_VERSION:
         raise ConfigError(f"{path}: _version: expected {CONFIG_VERSION} (got {version!r})")
+    for section, key in _RETIRED_SAVED_KEYS:
+        if isinstance(raw.get(section), dict):
+            raw[section].pop(key, None)
     return config_from_dict(raw, origin=str(path))
 
 

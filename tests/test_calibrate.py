@@ -40,8 +40,8 @@ def small_config(glm=None, training=None):
         "glm": {"hrf": "library", "method": "lss", **(glm or {})},
         "model": {"hidden_dim": 16, "n_blocks": 1, "n_tokens": 1, "token_dim": TOKEN_DIM, "clip_head_layers": 1,
                   "use_prior": False},
-        "training": {"epochs": 2, "batch_size": 4, "pretrain_epochs": 2, "pretrain_batch_size": 4, "mixed_precision": False,
-                     **(training or {})},
+        "training": {"epochs": 2, "batch_size": 4, "pretrain_epochs": 2, "pretrain_batch_size": 4,
+                     "mixed_precision": False, **(training or {})},
     })
 
 

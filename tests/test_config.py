@@ -87,6 +87,24 @@ def test_save_and_read_round_trip(tmp_path) -> None:
     assert read_saved_config(path) == config
 
 
+def test_saved_config_with_retired_key_still_reads(tmp_path) -> None:
+    # bundles saved before generator.retrieval_top_k was removed must keep loading
+    config = load_config("phantom")
+    path = tmp_path / "config.json"
+    save_config(config, path)
+    raw = json.loads(path.read_text())
+    raw["generator"]["retrieval_top_k"] = 5
+    path.write_text(json.dumps(raw))
+    assert read_saved_config(path) == config
+
+
+def test_retired_key_in_yaml_is_reported(tmp_path) -> None:
+    path = tmp_path / "my.yaml"
+    path.write_text("preset: phantom\ngenerator:\n  retrieval_top_k: 3\n")
+    with pytest.raises(ConfigError, match=r"generator\.retrieval_top_k: unknown key"):
+        load_config(path)
+
+
 def test_saved_config_version_is_checked(tmp_path) -> None:
     path = tmp_path / "config.json"
     save_config(load_config("phantom"), path)

@@ -106,6 +106,14 @@ def test_efficientnet_resizes_other_sizes(effnet: EfficientNetLite0Embedder):
     assert effnet.embed(small).tokens.shape == (2, 49, 1280)
 
 
+def test_embedders_reject_a_batch_size_below_one(tmp_path: Path):
+    with pytest.raises(DecoderError, match=r"EfficientNetLite0Embedder: batch_size must be >= 1 \(got 0\)"):
+        EfficientNetLite0Embedder(batch_size=0)
+    # checked before the architecture or weights are looked at
+    with pytest.raises(DecoderError, match=r"OpenCLIPEmbedder: batch_size must be >= 1 \(got 0\)"):
+        OpenCLIPEmbedder("ViT-B-32", tmp_path / "missing.safetensors", batch_size=0)
+
+
 def test_efficientnet_rejects_bad_images(effnet: EfficientNetLite0Embedder):
     with pytest.raises(DecoderError, match=r"must be uint8 RGB \(got dtype float32\)"):
         effnet.embed(np.zeros((1, 224, 224, 3), dtype=np.float32))

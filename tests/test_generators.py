@@ -177,7 +177,8 @@ def test_unclip_conversion_matches_diffusers_single_file_loader(sgm_checkpoint, 
         ours = unet(latents, 500, encoder_hidden_states=context, added_cond_kwargs=added).sample
         theirs = ref_unet(latents, 500, encoder_hidden_states=context, added_cond_kwargs=added).sample
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
-        torch.testing.assert_close(vae.decode(latents[:, :, :4, :4]).sample, ref_vae.decode(latents[:, :, :4, :4]).sample)
+        corner = latents[:, :, :4, :4]
+        torch.testing.assert_close(vae.decode(corner).sample, ref_vae.decode(corner).sample)
         image = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
         torch.testing.assert_close(vae.encode(image).latent_dist.mean, ref_vae.encode(image).latent_dist.mean)
     assert ours.abs().sum() > 0  # random weights, so a zero map would mean nothing was loaded

@@ -2,8 +2,9 @@
 
 The anatomy is nilearn's bundled MNI152 grey/white-matter and brain-mask templates (2 mm, shipped
 with nilearn, no download), mixed into T2*-like contrast (CSF > grey > white matter) and blurred
-to an EPI point spread. A volume with head motion ``p`` is acquired by sampling that anatomy on
-the scanner grid at ``T(p)^-1`` of each voxel's world position (``scipy.ndimage.affine_transform``)
+to an EPI point spread (:func:`rtdecoder.phantom.anatomy.template_epi`). A volume with head
+motion ``p`` is acquired by sampling that anatomy on the scanner grid at ``T(p)^-1`` of each
+voxel's world position (``scipy.ndimage.affine_transform``)
 - the tissue at reference position ``x`` shows up at ``T(p)(x)``, the convention of
 :mod:`rtdecoder.preprocess.motion` - plus Gaussian noise and a slow global gain drift.
 """
@@ -18,6 +19,7 @@ from scipy import ndimage
 
 from rtdecoder.errors import ConfigError, OrderError, VolumeError
 from rtdecoder.ingest.volume import Volume
+from rtdecoder.phantom.anatomy import template_epi
 from rtdecoder.preprocess.motion import (
     MotionCorrector,
     framewise_displacement,
@@ -36,16 +38,7 @@ MAX_ROTATION_RAD = np.radians(3.0)
 @pytest.fixture(scope="module")
 def anatomy() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """EPI-like image, brain mask and affine of the MNI152 template at 2 mm."""
-    from nilearn import datasets
-
-    grey = datasets.load_mni152_gm_template(resolution=2)
-    affine = grey.affine
-    grey_matter = grey.get_fdata()
-    white_matter = datasets.load_mni152_wm_template(resolution=2).get_fdata()
-    brain = datasets.load_mni152_brain_mask(resolution=2).get_fdata()
-    csf = np.clip(brain - grey_matter - white_matter, 0.0, 1.0)
-    epi = 0.75 * grey_matter + 0.45 * white_matter + 1.0 * csf + 0.05
-    return ndimage.gaussian_filter(epi, 1.0).astype(np.float32), brain, affine
+    return template_epi()
 
 
 def scanner_affine(shape: tuple[int, int, int], voxel_mm: float) -> np.ndarray:

@@ -211,7 +211,8 @@ def test_sigkill_and_resume_loses_and_duplicates_nothing(tmp_path, rng) -> None:
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump({"preset": "phantom", **OVERRIDES}))
     command = [
-        sys.executable, "-m", "rtdecoder.cli", "run", "--config", str(config_path), "--bundle", str(tmp_path / "bundle"),
+        sys.executable, "-m", "rtdecoder.cli", "run", "--config", str(config_path),
+        "--bundle", str(tmp_path / "bundle"),
         "--watch", str(watch), "--session-dir", str(session_dir), "--events", str(tmp_path / "events.tsv"),
         "--n-volumes", str(N_VOLUMES), "--no-decode",
     ]

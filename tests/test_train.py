@@ -109,6 +109,27 @@ def test_finetune_adds_fresh_adapter_for_new_voxel_count(tmp_path):
     assert MindEye2.from_pretrained(result.model_dir).subjects == {"s9": 20}
 
 
+def test_finetune_shared_lr_scale_slows_only_the_pretrained_weights(tmp_path):
+    pretrained = tiny_model(dropout=0.0)
+    train(pretrained, datasets(), recipe(epochs=1), tmp_path / "pre", progress=False)
+    gen = torch.Generator().manual_seed(5)
+    new = SubjectDataset("s9", torch.randn(16, 20, generator=gen), torch.randn(16, 4, 16, generator=gen),
+                         torch.arange(16))
+    moved = {}
+    for scale in (1.0, 0.01):
+        model, _ = finetune(tmp_path / "pre" / "model", new, recipe(epochs=3, finetune_shared_lr_scale=scale),
+                            tmp_path / f"ft-{scale}", progress=False)
+        torch.manual_seed(0)
+        fresh = MindEye2.from_pretrained(tmp_path / "pre" / "model")
+        moved[scale] = (
+            (model.token_proj.weight - fresh.token_proj.weight).abs().mean().item(),
+            model.adapters["s9"].weight.abs().mean().item(),
+        )
+    # Adam steps scale with the learning rate: the shared weights move ~100x less, the adapter as much
+    assert moved[0.01][0] < 0.05 * moved[1.0][0]
+    assert moved[0.01][1] == pytest.approx(moved[1.0][1], rel=0.5)
+
+
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))

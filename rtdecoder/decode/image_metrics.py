@@ -25,7 +25,9 @@ EVAL_SIZE_PX = 425
 def _check_pair(real: np.ndarray, recon: np.ndarray) -> None:
     for name, images in (("real", real), ("recon", recon)):
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise DecoderError(f"image metrics: {name}: expected uint8 (N, H, W, 3) (got {images.dtype} {images.shape})")
+            raise DecoderError(
+                f"image metrics: {name}: expected uint8 (N, H, W, 3) (got {images.dtype} {images.shape})"
+            )
     if len(real) != len(recon):
         raise DecoderError(f"image metrics: recon: expected {len(real)} images like real (got {len(recon)})")
 
@@ -35,7 +37,9 @@ def resize_float(images: np.ndarray, size_px: int = EVAL_SIZE_PX) -> np.ndarray:
     import torch
 
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
-    x = torch.nn.functional.interpolate(x, size=(size_px, size_px), mode="bilinear", antialias=True, align_corners=False)
+    x = torch.nn.functional.interpolate(
+        x, size=(size_px, size_px), mode="bilinear", antialias=True, align_corners=False
+    )
     return x.clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 

@@ -56,7 +56,8 @@ class CandidateBank:
         tokens = torch.as_tensor(np.asarray(tokens, dtype=np.float32))
         if tokens.ndim != 3 or len(ids) != tokens.shape[0]:
             raise DecoderError(
-                f"candidate bank: tokens: expected shape ({len(ids)}, T, D) for {len(ids)} ids (got {tuple(tokens.shape)})"
+                f"candidate bank: tokens: expected shape ({len(ids)}, T, D) for {len(ids)} ids "
+                f"(got {tuple(tokens.shape)})"
             )
         self.ids = list(ids)
         self.token_shape = tuple(tokens.shape[1:])

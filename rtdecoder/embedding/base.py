@@ -175,6 +175,26 @@ def check_image_range(image_range: str) -> ImageRange:
     return image_range  # type: ignore[return-value]
 
 
+def check_batch_size(batch_size: int, owner: str) -> int:
+    """Validate an embedder's ``batch_size`` and return it as an int.
+
+    Parameters
+    ----------
+    batch_size : int
+        Images per forward pass; at least 1.
+    owner : str
+        The embedder's class name, for the error message.
+
+    Raises
+    ------
+    DecoderError
+        If ``batch_size`` is below 1.
+    """
+    if batch_size < 1:
+        raise DecoderError(f"{owner}: batch_size must be >= 1 (got {batch_size})")
+    return int(batch_size)
+
+
 def check_images(images: np.ndarray) -> np.ndarray:
     """Check that images are uint8 ``(N, H, W, 3)`` and return them as such.
 

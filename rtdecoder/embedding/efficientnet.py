@@ -17,12 +17,13 @@ import numpy as np
 from rtdecoder.embedding.base import (
     Embedding,
     ImageRange,
+    check_batch_size,
     check_image_range,
     check_images,
     file_fingerprint,
     to_model_input,
 )
-from rtdecoder.errors import BundleError, DecoderError
+from rtdecoder.errors import BundleError
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +96,7 @@ class EfficientNetLite0Embedder:
         from efficientnet_lite_pytorch import EfficientNet
 
         self.image_range = check_image_range(image_range)
-        if batch_size < 1:
-            raise DecoderError(f"EfficientNetLite0Embedder: batch_size must be >= 1 (got {batch_size})")
-        self.batch_size = int(batch_size)
+        self.batch_size = check_batch_size(batch_size, "EfficientNetLite0Embedder")
         self.device = torch.device(device)
         path = pretrained_weights_path() if weights_path is None else Path(weights_path)
         if not path.is_file():

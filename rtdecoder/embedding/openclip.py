@@ -37,12 +37,13 @@ import numpy as np
 from rtdecoder.embedding.base import (
     Embedding,
     ImageRange,
+    check_batch_size,
     check_image_range,
     check_images,
     file_fingerprint,
     to_model_input,
 )
-from rtdecoder.errors import BundleError, ConfigError, DecoderError
+from rtdecoder.errors import BundleError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -168,9 +169,7 @@ class OpenCLIPEmbedder:
         import torch
 
         self.image_range = check_image_range(image_range)
-        if batch_size < 1:
-            raise DecoderError(f"OpenCLIPEmbedder: batch_size must be >= 1 (got {batch_size})")
-        self.batch_size = int(batch_size)
+        self.batch_size = check_batch_size(batch_size, "OpenCLIPEmbedder")
         self.device = torch.device(device)
         config = resolve_model_config(arch) if model_config is None else dict(model_config)
         self.n_tokens, self.token_dim = openclip_token_grid(config)

@@ -17,8 +17,10 @@ R^2 of a single-trial (LSA) fit.
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 from scipy.stats import gamma
@@ -46,6 +48,27 @@ _LIBRARY_PEAK_S = np.linspace(3.5, 7.5, HRF_LIBRARY_SIZE)
 _LIBRARY_DISPERSION_PER_PEAK_S = 0.9 / 5.0
 _LIBRARY_UNDERSHOOT_LAG_S = 10.0
 _LIBRARY_UNDERSHOOT_RATIOS = (0.1, 0.25, 0.4, 0.55)
+
+# The sampling parameters of the kernel builders below, written once; :func:`_with_sampling_doc`
+# puts them where a docstring has a ``{sampling}`` line.
+_SAMPLING_PARAMETERS_DOC = """\
+tr_s : float
+    Repetition time, s.
+oversampling : int, default=50
+    Samples per TR.
+time_length_s : float, default=32.0
+    Kernel length, s."""
+
+_F = TypeVar("_F", bound=Callable[..., np.ndarray])
+
+
+def _with_sampling_doc(function: _F) -> _F:
+    """Replace the ``{sampling}`` line of ``function``'s docstring by :data:`_SAMPLING_PARAMETERS_DOC`."""
+    # cleandoc first: the block is unindented, and Python 3.13+ dedents docstrings itself.
+    # ``python -OO`` strips docstrings, hence the guard.
+    if function.__doc__:
+        function.__doc__ = inspect.cleandoc(function.__doc__).replace("{sampling}", _SAMPLING_PARAMETERS_DOC)
+    return function
 
 
 def gamma_difference_hrf(
@@ -107,6 +130,7 @@ def gamma_difference_hrf(
     return kernel / kernel.sum()
 
 
+@_with_sampling_doc
 def glover_hrf(
     tr_s: float,
     oversampling: int = DEFAULT_OVERSAMPLING,
@@ -117,12 +141,7 @@ def glover_hrf(
 
     Parameters
     ----------
-    tr_s : float
-        Repetition time, s.
-    oversampling : int, default=50
-        Samples per TR.
-    time_length_s : float, default=32.0
-        Kernel length, s.
+    {sampling}
     onset_s : float, default=0.0
         Delay of the response, s.
 
@@ -142,6 +161,7 @@ def glover_hrf(
     )
 
 
+@_with_sampling_doc
 def spm_hrf(
     tr_s: float,
     oversampling: int = DEFAULT_OVERSAMPLING,
@@ -152,12 +172,7 @@ def spm_hrf(
 
     Parameters
     ----------
-    tr_s : float
-        Repetition time, s.
-    oversampling : int, default=50
-        Samples per TR.
-    time_length_s : float, default=32.0
-        Kernel length, s.
+    {sampling}
     onset_s : float, default=0.0
         Delay of the response, s.
 
@@ -174,6 +189,7 @@ def spm_hrf(
     return gamma_difference_hrf(tr_s, oversampling, time_length_s, onset_s)
 
 
+@_with_sampling_doc
 def canonical_hrf(
     name: str, tr_s: float, oversampling: int = DEFAULT_OVERSAMPLING,
     time_length_s: float = DEFAULT_HRF_LENGTH_S,
@@ -184,12 +200,7 @@ def canonical_hrf(
     ----------
     name : {"glover", "spm"}
         Which canonical shape.
-    tr_s : float
-        Repetition time, s.
-    oversampling : int, default=50
-        Samples per TR.
-    time_length_s : float, default=32.0
-        Kernel length, s.
+    {sampling}
 
     Returns
     -------
@@ -207,6 +218,7 @@ def canonical_hrf(
     raise ConfigError(f"hrf: expected one of {', '.join(CANONICAL_HRFS)} (got {name!r})")
 
 
+@_with_sampling_doc
 def hrf_library(
     tr_s: float,
     oversampling: int = DEFAULT_OVERSAMPLING,
@@ -216,12 +228,7 @@ def hrf_library(
 
     Parameters
     ----------
-    tr_s : float
-        Repetition time, s.
-    oversampling : int, default=50
-        Samples per TR.
-    time_length_s : float, default=32.0
-        Kernel length, s.
+    {sampling}
 
     Returns
     -------

@@ -191,7 +191,9 @@ def train_phantom_generator(
     torch.manual_seed(seed)
     targets = from_uint8(images, config.image_size_px)  # (N, 3, S, S) in [-1, 1]
     tokens = tokens.float()
-    net = PhantomGeneratorNet(tokens.shape[1], tokens.shape[2], config.image_size_px, config.phantom_cross_dim, channels)
+    net = PhantomGeneratorNet(
+        tokens.shape[1], tokens.shape[2], config.image_size_px, config.phantom_cross_dim, channels
+    )
     optimiser = torch.optim.AdamW(net.parameters(), lr=config.phantom_lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.phantom_lr, total_steps=config.phantom_train_steps,
                                                    pct_start=0.05)
@@ -215,7 +217,9 @@ def _keep_mask(batch: int, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(batch, generator=generator) >= COND_DROP
 
 
-def v_loss(net: PhantomGeneratorNet, x: torch.Tensor, context: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def v_loss(
+    net: PhantomGeneratorNet, x: torch.Tensor, context: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     """Mean squared ``v`` error at random times for clean images ``x`` (B, 3, S, S)."""
     t = torch.rand(x.shape[0], generator=generator)
     noise = torch.randn(x.shape, generator=generator)
