@@ -30,6 +30,21 @@ def test_top_k_ranks_by_cosine(rng):
         bank.top_k(query, 11)
 
 
+def test_shown_image_rank_among_all_candidates(rng):
+    tokens = rng.normal(size=(10, 3, 4)).astype(np.float32)
+    bank = CandidateBank([f"img{i}" for i in range(10)], tokens)
+    query = torch.from_numpy(tokens[[7, 2]])
+    flat = tokens.reshape(10, -1)
+    cosine = flat @ flat[7] / (np.linalg.norm(flat, axis=1) * np.linalg.norm(flat[7]))
+    order = np.argsort(-cosine)  # img7 first; the rank of img{order[4]} is 5, beyond k
+    result = bank.top_k(query, k=2, shown_ids=[f"img{order[4]}", None])
+    assert result.shown_ranks == [5, None]
+    assert bank.top_k(query, k=1, shown_ids=["img7", "not-in-bank"]).shown_ranks == [1, None]
+    assert bank.top_k(query, k=1).shown_ranks is None
+    with pytest.raises(DecoderError, match="shown_ids: expected 2"):
+        bank.top_k(query, 1, shown_ids=["img7"])
+
+
 class _MeanColourEmbedder:
     name = "mean-colour"
     n_tokens, token_dim = 1, 3

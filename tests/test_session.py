@@ -24,6 +24,7 @@ from rtdecoder.glm.events import Trial, write_events_tsv
 from rtdecoder.glm.hrf import canonical_hrf
 from rtdecoder.phantom.scanner import FaultPlan, volumes_from_array, write_run
 from rtdecoder.publish.client import ResultSubscriber
+from rtdecoder.session import runner as runner_module
 from rtdecoder.session.journal import read_records
 from rtdecoder.session.report import write_report
 from rtdecoder.session.runner import JOURNAL_NAME, Decoded, LiveSession, RunPlan
@@ -47,7 +48,8 @@ def _synthetic_run(rng: np.random.Generator):
     reference = (1000 * (reference - reference.min()) / np.ptp(reference) + 200).astype(np.float32)
     mask = np.zeros(GRID, bool)
     mask[6:12, 6:14, 4:10] = True
-    trials = [Trial(f"t{i:02d}", 3.2 + 6.4 * i, 3.0, stim_id=f"img-{i}") for i in range(7)]
+    # stim ids are FakeDecoder's two candidates, so every decode carries the shown image's rank
+    trials = [Trial(f"t{i:02d}", 3.2 + 6.4 * i, 3.0, stim_id=("up", "down")[i % 2]) for i in range(7)]
     frame_times = np.arange(N_VOLUMES) * TR_S
     regressors = trial_regressors(trials, frame_times, canonical_hrf("glover", TR_S), 50)  # (T, n_trials)
     true_betas = rng.normal(0, 2.0, (len(trials), int(mask.sum())))
@@ -69,10 +71,12 @@ class FakeDecoder:
         self.reconstruct_s = reconstruct_s
         self.hold_until = hold_until
 
-    def retrieve(self, beta: np.ndarray, top_k: int) -> Decoded:
+    def retrieve(self, beta: np.ndarray, top_k: int, shown_id: str | None = None) -> Decoded:
         score = float(np.mean(beta))
         ids = ["up", "down"] if score > 0 else ["down", "up"]
-        return Decoded(ids[:top_k], [abs(score), -abs(score)][:top_k], 0.1, state=score)
+        rank = ids.index(shown_id) + 1 if shown_id in ids else None
+        return Decoded(ids[:top_k], [abs(score), -abs(score)][:top_k], 0.1, state=score, n_candidates=2,
+                       shown_rank=rank)
 
     def reconstruct(self, decoded: Decoded, seed: int) -> bytes:
         from PIL import Image
@@ -159,17 +163,28 @@ def test_end_to_end_with_faults_every_result_arrives(tmp_path, rng) -> None:
     decodes = [m for m in messages if m.topic == "decode"]
     assert sorted(m.data["trial_id"] for m in decodes) == sorted(first)
     assert all(m.data["reconstruction"] == "done" and m.data["image_png"].startswith(b"\x89PNG") for m in decodes)
+    for m in decodes:
+        retrieval = m.data["retrieval"]
+        assert retrieval["n_candidates"] == 2
+        assert retrieval["shown_rank"] == retrieval["ids"].index(m.data["stim_id"]) + 1
     assert result["summary"].n_missing == 1
     subscriber.close()
 
     figures = write_report(tmp_path / "session", "run-01", tmp_path / "report.html", TR_S)
     assert (figures["volumes"], figures["missing"], figures["decoded"]) == (N_VOLUMES - 1, 1, len(trials))
     assert figures["volume_latency_ms_median"] > 0
+    ranks = [m.data["retrieval"]["shown_rank"] for m in decodes]
+    assert figures["shown_rank_median"] == np.median(ranks)
+    assert figures["retrieval_top1"] == np.mean(np.array(ranks) == 1)
+    assert (figures["retrieval_candidates"], figures["retrieval_chance_top1"], figures["shown_rank_chance_median"]) \
+        == (2, 0.5, 1.5)
     page = (tmp_path / "report.html").read_text()
     assert page.count("<img") >= 4 + len(trials)
 
 
-def test_slow_decoder_skips_reconstructions_not_retrievals(tmp_path, rng) -> None:
+def test_slow_decoder_skips_reconstructions_not_retrievals(tmp_path, rng, monkeypatch) -> None:
+    released = []
+    monkeypatch.setattr(runner_module, "release_freed_memory", lambda: released.append(True) or True)
     volumes, affine, trials, bundle, _ = _synthetic_run(rng)
     watch = tmp_path / "export"
     watch.mkdir()
@@ -186,6 +201,7 @@ def test_slow_decoder_skips_reconstructions_not_retrievals(tmp_path, rng) -> Non
     states = {d["reconstruction"] for d in decodes}
     assert "skipped_backlog" in states
     assert summary.n_skipped_reconstructions == sum(d["reconstruction"] == "skipped_backlog" for d in decodes) > 0
+    assert released == [True]  # a run's freed memory goes back to the system when it ends
 
 
 def test_bundle_that_does_not_match_the_volumes_is_refused(tmp_path, rng) -> None:

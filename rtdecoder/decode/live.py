@@ -111,14 +111,16 @@ class LiveDecoder:
             prior_steps=config.model.prior_sample_steps, generator_steps=steps,
         )
 
-    def retrieve(self, beta: np.ndarray, top_k: int) -> Decoded:
-        """Rank the bank's images for one raw beta map (``n_voxels``,)."""
+    def retrieve(self, beta: np.ndarray, top_k: int, shown_id: str | None = None) -> Decoded:
+        """Rank the bank's images for one raw beta map (``n_voxels``,); with ``shown_id``, also
+        the rank of the image the trial showed."""
         started = time.perf_counter()
         z = (np.asarray(beta, dtype=np.float32) - self.beta_mean) / self.beta_std
         encoded = self.engine.encode(torch.from_numpy(z[None]))
-        result = self.bank.top_k(encoded.clip_tokens.cpu(), min(top_k, len(self.bank)))
+        result = self.bank.top_k(encoded.clip_tokens.cpu(), min(top_k, len(self.bank)), shown_ids=[shown_id])
         elapsed_ms = 1000 * (time.perf_counter() - started)
-        return Decoded(result.ids[0], result.scores[0].tolist(), elapsed_ms, state=encoded.backbone_tokens)
+        return Decoded(result.ids[0], result.scores[0].tolist(), elapsed_ms, state=encoded.backbone_tokens,
+                       n_candidates=len(self.bank), shown_rank=result.shown_ranks[0])
 
     def reconstruct(self, decoded: Decoded, seed: int) -> bytes:
         """Sample the prior from the backbone tokens, render them, and return PNG bytes."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,11 +35,15 @@ class RetrievalResult:
         Their candidate ids.
     scores : numpy.ndarray of float32, shape (B, k)
         Cosine similarities in [-1, 1].
+    shown_ranks : list of (int or None), optional
+        Per query, the 1-based rank among all candidates of the image the subject saw (when it
+        was asked for and is in the bank): 1 is a top-1 hit, ``(N + 1) / 2`` is chance on average.
     """
 
     indices: np.ndarray
     ids: list[list[str]]
     scores: np.ndarray
+    shown_ranks: list[int | None] | None = None
 
 
 class CandidateBank:
@@ -60,14 +65,21 @@ class CandidateBank:
                 f"(got {tuple(tokens.shape)})"
             )
         self.ids = list(ids)
+        self._row = {candidate_id: row for row, candidate_id in enumerate(self.ids)}
         self.token_shape = tuple(tokens.shape[1:])
         self._unit = torch.nn.functional.normalize(tokens.flatten(1), dim=1)  # (N, T*D)
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def top_k(self, predicted: torch.Tensor, k: int) -> RetrievalResult:
-        """The ``k`` candidates with the highest cosine to each predicted (B, T, D) token set."""
+    def top_k(
+        self, predicted: torch.Tensor, k: int, shown_ids: Sequence[str | None] | None = None
+    ) -> RetrievalResult:
+        """The ``k`` candidates with the highest cosine to each predicted (B, T, D) token set.
+
+        With ``shown_ids`` (one per query; ``None`` or an id not in the bank gives no rank), the
+        result also holds each shown image's rank among all candidates.
+        """
         if tuple(predicted.shape[1:]) != self.token_shape:
             raise DecoderError(
                 f"retrieval: predicted tokens: expected shape (B, {self.token_shape[0]}, {self.token_shape[1]}) "
@@ -76,9 +88,20 @@ class CandidateBank:
         if not 1 <= k <= len(self):
             raise DecoderError(f"retrieval: k: expected 1..{len(self)} (got {k})")
         query = torch.nn.functional.normalize(predicted.detach().float().cpu().flatten(1), dim=1)
-        scores, indices = (query @ self._unit.T).topk(k, dim=1)  # (B, k)
+        similarity = query @ self._unit.T  # (B, N)
+        scores, indices = similarity.topk(k, dim=1)  # (B, k)
         indices_np = indices.numpy().astype(np.int64)
-        return RetrievalResult(indices_np, [[self.ids[i] for i in row] for row in indices_np], scores.numpy())
+        shown_ranks = None
+        if shown_ids is not None:
+            if len(shown_ids) != len(similarity):
+                raise DecoderError(f"retrieval: shown_ids: expected {len(similarity)} (got {len(shown_ids)})")
+            shown_ranks = []
+            for row, shown_id in zip(similarity, shown_ids, strict=True):
+                index = self._row.get(shown_id) if shown_id is not None else None
+                shown_ranks.append(None if index is None else 1 + int((row > row[index]).sum()))
+        return RetrievalResult(
+            indices_np, [[self.ids[i] for i in row] for row in indices_np], scores.numpy(), shown_ranks
+        )
 
     @classmethod
     def from_stimulus_bank(cls, bank, embedder, cache_dir: str | Path, progress: bool = True) -> CandidateBank:

@@ -65,6 +65,10 @@ def write_report(
     readiness_s = np.array([_ready_s(m, tr_s) for m in firsts])
     hits = [m.data["stim_id"] in m.data["retrieval"]["ids"][:1] for m in decodes if m.data.get("stim_id")]
     hits5 = [m.data["stim_id"] in m.data["retrieval"]["ids"][:5] for m in decodes if m.data.get("stim_id")]
+    # A handful of trials among thousands of candidates rarely gives a top-1 hit even from a good
+    # decoder; the shown image's rank says how far above chance the ranking is.
+    ranks = np.array([m.data["retrieval"]["shown_rank"] for m in decodes if "shown_rank" in m.data["retrieval"]])
+    n_candidates = max((m.data["retrieval"].get("n_candidates", 0) for m in decodes), default=0)
     figures = {
         "volumes": len(present),
         "missing": len(volumes) - len(present),
@@ -77,7 +81,10 @@ def write_report(
         "decode_latency_ms_p95": _q(trial_ms, 95),
         "retrieval_top1": float(np.mean(hits)) if hits else None,
         "retrieval_top5": float(np.mean(hits5)) if hits5 else None,
-        "retrieval_chance_top1": 1.0 / 3000,
+        "retrieval_candidates": n_candidates or None,
+        "retrieval_chance_top1": 1.0 / n_candidates if n_candidates else None,
+        "shown_rank_median": _q(ranks, 50),
+        "shown_rank_chance_median": (n_candidates + 1) / 2 if n_candidates else None,
     }
 
     plots = []

@@ -62,13 +62,18 @@ class Decoded:
     scores: list[float]
     retrieval_ms: float
     state: Any = None  # whatever the decoder needs to reconstruct (e.g. backbone tokens)
+    n_candidates: int | None = None
+    shown_rank: int | None = None  # 1-based rank of the image the subject saw, when known
 
 
 class BetaDecoder(Protocol):
     """Turns a beta map into a retrieval ranking and, on request, an image."""
 
-    def retrieve(self, beta: np.ndarray, top_k: int) -> Decoded:
-        """Rank the candidate images for one beta (raw GLM units; the decoder z-scores)."""
+    def retrieve(self, beta: np.ndarray, top_k: int, shown_id: str | None = None) -> Decoded:
+        """Rank the candidate images for one beta (raw GLM units; the decoder z-scores).
+
+        ``shown_id``, the image the trial showed, asks for its rank among all candidates.
+        """
 
     def reconstruct(self, decoded: Decoded, seed: int) -> bytes:
         """A PNG of the reconstruction for a retrieved beta."""
@@ -570,13 +575,18 @@ class _Run:
 
     def _decode_one(self, decoder: BetaDecoder, job: _DecodeJob, backlog: int) -> None:
         started = time.perf_counter()
-        decoded = decoder.retrieve(job.beta, self.config.session.retrieval_top_k)
+        decoded = decoder.retrieve(job.beta, self.config.session.retrieval_top_k, shown_id=job.stim_id)
+        retrieval: dict[str, Any] = {"ids": decoded.ids, "scores": [float(s) for s in decoded.scores]}
+        if decoded.n_candidates is not None:
+            retrieval["n_candidates"] = decoded.n_candidates
+        if decoded.shown_rank is not None:
+            retrieval["shown_rank"] = decoded.shown_rank
         data: dict[str, Any] = {
             "run": self.plan.run,
             "trial_id": job.trial_id,
             "stim_id": job.stim_id,
             "beta_seq": job.beta_seq,
-            "retrieval": {"ids": decoded.ids, "scores": [float(s) for s in decoded.scores]},
+            "retrieval": retrieval,
             "retrieval_ms": decoded.retrieval_ms,
         }
         if not self.config.session.reconstruct:
