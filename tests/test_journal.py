@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rtdecoder.errors import OrderError
-from rtdecoder.session.journal import Journal
+from rtdecoder.session.journal import Journal, read_records
 
 
 def test_records_round_trip_with_arrays(tmp_path) -> None:
@@ -90,3 +90,17 @@ def test_reading_while_appending_does_not_cut_the_file(tmp_path) -> None:
     assert [r["kind"] for r in read_records(path)] == ["a"]
     assert path.stat().st_size == size
     journal.close()
+
+
+def test_open_can_stream_records_instead_of_keeping_them(tmp_path) -> None:
+    path = tmp_path / "journal.bin"
+    with Journal(path, fsync=False) as journal:
+        for i in range(3):
+            journal.append({"kind": "x", "i": i})
+    seen = []
+    journal = Journal(path, fsync=False).open(on_record=seen.append)
+    assert journal.records_ == []
+    journal.append({"kind": "x", "i": 3})
+    journal.close()
+    assert [r["i"] for r in seen] == [0, 1, 2]
+    assert [r["i"] for r in read_records(path)] == [0, 1, 2, 3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +182,27 @@ def test_end_to_end_with_faults_every_result_arrives(tmp_path, rng) -> None:
         == (2, 0.5, 1.5)
     page = (tmp_path / "report.html").read_text()
     assert page.count("<img") >= 4 + len(trials)
+
+
+class _Holder:
+    pass
+
+
+def test_release_freed_memory_frees_reference_cycles_now() -> None:
+    # A finished run leaves cycles (session <-> publisher callbacks, message history); they must be
+    # freed between runs, not whenever Python's collector next runs a full collection.
+    gc.disable()
+    try:
+        holder = _Holder()
+        holder.self_reference = holder
+        holder.payload = np.zeros(1000)
+        alive = weakref.ref(holder)
+        del holder
+        assert alive() is not None
+        runner_module.release_freed_memory()
+        assert alive() is None
+    finally:
+        gc.enable()
 
 
 def test_slow_decoder_skips_reconstructions_not_retrievals(tmp_path, rng, monkeypatch) -> None:

@@ -18,7 +18,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -57,15 +57,25 @@ class Journal:
         self._file: BinaryIO | None = None
         self._lock = threading.Lock()
 
-    def open(self) -> Journal:
-        """Read the existing records, cut a torn tail, and get ready to append."""
+    def open(self, on_record: Callable[[dict[str, Any]], None] | None = None) -> Journal:
+        """Read the existing records, cut a torn tail, and get ready to append.
+
+        Parameters
+        ----------
+        on_record : callable, optional
+            Called with each existing record in order, instead of keeping them in
+            ``records_``: a long session's journal need not be held in memory at once.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         good_end = 0
         if self.path.exists():
             with self.path.open("rb") as handle:
                 data = handle.read()
             for record, end in _iter_records(data):
-                self.records_.append(record)
+                if on_record is None:
+                    self.records_.append(record)
+                else:
+                    on_record(record)
                 good_end = end
             self.torn_bytes_ = len(data) - good_end
             if self.torn_bytes_:

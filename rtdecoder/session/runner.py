@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import ctypes.util
+import gc
 import logging
 import queue
 import threading
@@ -164,9 +165,11 @@ class LiveSession:
     def run(self, plan: RunPlan, stop: threading.Event | None = None) -> RunSummary:
         """Process one run to its end; returns counts and latencies."""
         stop = stop or threading.Event()
-        journal = Journal(self.session_dir / JOURNAL_NAME, fsync=self.config.session.journal_fsync).open()
-        state = _JournalState.read(journal.records_, plan.run, self.config.publish.history_size)
-        journal.records_ = []  # everything needed is in ``state``; the rest stays on disk
+        state = _JournalState(run=plan.run, recent=collections.deque(maxlen=self.config.publish.history_size))
+        # one record at a time: what a resume needs goes into ``state``, the rest stays on disk
+        journal = Journal(self.session_dir / JOURNAL_NAME, fsync=self.config.session.journal_fsync).open(
+            on_record=state.take
+        )
         if state.session_id is None:
             state.session_id = uuid.uuid4().hex[:12]
             journal.append({"kind": "session_start", "session": state.session_id, "time": time.time()})
@@ -204,14 +207,18 @@ class LiveSession:
 
 
 def release_freed_memory() -> bool:
-    """Hand the memory freed during a run back to the operating system.
+    """Free what a finished run left behind and hand it back to the operating system.
 
-    glibc keeps the freed blocks of a run's large transient arrays (the journal read at the start,
-    volumes, decoder activations) in its per-thread arenas, so a process that runs a whole session
-    grew by about 30 MB per run although nothing leaked (``bench/bench_soak.py``). ``malloc_trim``
-    returns those blocks. Returns whether it could be called (False where the C library is not
-    glibc).
+    A run leaves reference cycles (the session, its run state, threads' targets and the
+    publisher's callbacks refer to each other) that hold its front end, GLM, journal state and
+    decoder outputs; Python's cyclic collector frees them only when it next runs a full
+    collection, so a process running a whole session grew from run to run
+    (``bench/bench_soak.py``). ``gc.collect()`` frees them now. glibc then keeps the freed blocks
+    in its per-thread arenas; ``malloc_trim`` returns them. Called between runs, never on the
+    real-time path. Returns whether ``malloc_trim`` could be called (False where the C library
+    is not glibc).
     """
+    gc.collect()
     name = ctypes.util.find_library("c")
     try:
         trim = ctypes.CDLL(name).malloc_trim if name else None
@@ -232,6 +239,7 @@ class _JournalState:
     with the length of the session.
     """
 
+    run: str
     session_id: str | None = None
     messages: list[Message] = field(default_factory=list)
     recent: collections.deque[Message] = field(default_factory=collections.deque)
@@ -240,26 +248,23 @@ class _JournalState:
     run_ended: bool = False
     next_seq: int = 0
 
-    @classmethod
-    def read(cls, records: list[dict[str, Any]], run: str, history_size: int) -> _JournalState:
-        state = cls(recent=collections.deque(maxlen=history_size))
-        for record in records:
-            kind = record["kind"]
-            if kind == "session_start":
-                state.session_id = record["session"]
-            elif kind == "published":
-                message = message_from_map(record["message"])
-                state.next_seq = message.seq + 1
-                state.recent.append(message)
-                if message.data.get("run") == run:
-                    state.messages.append(message)
-            elif kind in ("volume", "missing") and record["run"] == run:
-                state.volumes.append(record)
-            elif kind == "onset" and record["run"] == run:
-                state.announced_trials.append(record)
-            elif kind == "run_end" and record["run"] == run:
-                state.run_ended = True
-        return state
+    def take(self, record: dict[str, Any]) -> None:
+        """Fold in the next journal record."""
+        kind = record["kind"]
+        if kind == "session_start":
+            self.session_id = record["session"]
+        elif kind == "published":
+            message = message_from_map(record["message"])
+            self.next_seq = message.seq + 1
+            self.recent.append(message)
+            if message.data.get("run") == self.run:
+                self.messages.append(message)
+        elif kind in ("volume", "missing") and record["run"] == self.run:
+            self.volumes.append(record)
+        elif kind == "onset" and record["run"] == self.run:
+            self.announced_trials.append(record)
+        elif kind == "run_end" and record["run"] == self.run:
+            self.run_ended = True
 
 
 def _published_since(journal_path: Path, from_seq: int) -> list[Message]:
