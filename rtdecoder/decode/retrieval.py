@@ -97,7 +97,7 @@ class CandidateBank:
                 raise DecoderError(f"retrieval: shown_ids: expected {len(similarity)} (got {len(shown_ids)})")
             shown_ranks = []
             for row, shown_id in zip(similarity, shown_ids, strict=True):
-                index = self._row.get(shown_id) if shown_id is not None else None
+                index = self._row.get(shown_id)
                 shown_ranks.append(None if index is None else 1 + int((row > row[index]).sum()))
         return RetrievalResult(
             indices_np, [[self.ids[i] for i in row] for row in indices_np], scores.numpy(), shown_ranks

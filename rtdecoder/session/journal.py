@@ -71,11 +71,9 @@ class Journal:
         if self.path.exists():
             with self.path.open("rb") as handle:
                 data = handle.read()
+            take = on_record if on_record is not None else self.records_.append
             for record, end in _iter_records(data):
-                if on_record is None:
-                    self.records_.append(record)
-                else:
-                    on_record(record)
+                take(record)
                 good_end = end
             self.torn_bytes_ = len(data) - good_end
             if self.torn_bytes_:

@@ -209,14 +209,13 @@ class LiveSession:
 def release_freed_memory() -> bool:
     """Free what a finished run left behind and hand it back to the operating system.
 
-    A run leaves reference cycles (the session, its run state, threads' targets and the
-    publisher's callbacks refer to each other) that hold its front end, GLM, journal state and
-    decoder outputs; Python's cyclic collector frees them only when it next runs a full
-    collection, so a process running a whole session grew from run to run
-    (``bench/bench_soak.py``). ``gc.collect()`` frees them now. glibc then keeps the freed blocks
-    in its per-thread arenas; ``malloc_trim`` returns them. Called between runs, never on the
-    real-time path. Returns whether ``malloc_trim`` could be called (False where the C library
-    is not glibc).
+    A run leaves reference cycles behind (the session and its publisher's callbacks, the
+    publisher's message history with its beta maps and PNGs, the scanner files' datasets);
+    Python's cyclic collector frees them only when it next runs a full collection, so a process
+    running a whole session grew from run to run (``bench/bench_soak.py``). ``gc.collect()``
+    frees them now. glibc then keeps the freed blocks in its per-thread arenas; ``malloc_trim``
+    returns them. Called between runs, never on the real-time path. Returns whether
+    ``malloc_trim`` could be called (False where the C library is not glibc).
     """
     gc.collect()
     name = ctypes.util.find_library("c")
