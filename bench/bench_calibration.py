@@ -104,12 +104,7 @@ def main() -> None:
 
     started = time.perf_counter()
     n_sessions = exp.sessions_per_subject
-    # The volumes depend on the world, scanner and experiment; a changed preset gets fresh folders.
-    volumes_key = hashlib.sha256(json.dumps([config.phantom.model_dump(), config.scanner.model_dump(),
-                                             config.experiment.model_dump()], sort_keys=True).encode()).hexdigest()[:12]
-    session_dirs = [work / f"volumes-{volumes_key}" / f"session-{k}" for k in range(n_sessions)]
-    for session_index in range(n_sessions):
-        _write_session(world, session_dirs[session_index], session_index, runs)
+    session_dirs = held_out_session_dirs(config, world, work, runs)
     seconds["simulate_and_write_volumes_all_sessions"] = time.perf_counter() - started
     mask = world.subject(HELD_OUT).mask
     started = time.perf_counter()
@@ -119,7 +114,7 @@ def main() -> None:
         estimate_session_betas(session_dirs[k], config, mask, progress=True) for k in range(1, n_sessions)
     ]
 
-    test_z, test_tokens = _test_set(sessions, tokens)
+    test_z, test_tokens = test_set(sessions, tokens)
     results = {}
     started = time.perf_counter()
     report_a = calibrate(config, session_dirs[0], work / "bundle-a", sid, mask, pretrained_dir=model_dir,
@@ -159,13 +154,27 @@ def main() -> None:
     _print_table(payload)
 
 
-def _write_session(world: PhantomWorld, session_dir: Path, session: int, runs: list[int]) -> None:
-    """One session of the held-out subject, one NIfTI per volume per run folder (kept if present)."""
+def held_out_session_dirs(
+    config, world: PhantomWorld, work: Path, runs: list[int], subject: int = HELD_OUT
+) -> list[Path]:
+    """A subject's session folders under ``work`` (the held-out one by default), written when missing."""
+    # The volumes depend on the world, scanner and experiment; a changed preset gets fresh folders.
+    volumes_key = hashlib.sha256(json.dumps([config.phantom.model_dump(), config.scanner.model_dump(),
+                                             config.experiment.model_dump()], sort_keys=True).encode()).hexdigest()[:12]
+    root = work / (f"volumes-{volumes_key}" if subject == HELD_OUT else f"volumes-{volumes_key}-{subject_id(subject)}")
+    session_dirs = [root / f"session-{k}" for k in range(config.experiment.sessions_per_subject)]
+    for session_index, session_dir in enumerate(session_dirs):
+        _write_session(world, session_dir, subject, session_index, runs)
+    return session_dirs
+
+
+def _write_session(world: PhantomWorld, session_dir: Path, subject: int, session: int, runs: list[int]) -> None:
+    """One session of a subject, one NIfTI per volume per run folder (kept if present)."""
     for run in runs:
         run_dir = session_dir / f"run-{run + 1:02d}"
         if (run_dir / "events.tsv").is_file():
             continue
-        simulated = world.simulate_run(HELD_OUT, session, run)
+        simulated = world.simulate_run(subject, session, run)
         write_run(
             volumes_from_array(simulated.volumes, simulated.affine, simulated.tr_s, simulated.slice_times_s),
             run_dir, format="nifti", speed=1e6, sleep=lambda _s: None, partial_write=False,
@@ -180,7 +189,7 @@ def _zscored(session) -> tuple[np.ndarray, np.ndarray]:
     return (session.betas - mean) / std, finite
 
 
-def _test_set(sessions: list, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def test_set(sessions: list, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Test-image betas of every session (GLM path), repeats averaged, and their images' tokens."""
     betas, stim = [], []
     for session in sessions:

@@ -27,14 +27,33 @@ in the units of calibration betas:
 6. Betas: one :class:`~rtdecoder.glm.incremental.IncrementalGLM` per run with the config's method
    (LSS/LSA), drift and motion confounds, ``slice_time_ref_s=0``, fed every volume and finished;
    the final betas are the whole-run OLS fit (missing volumes left out).
+7. Optional, ``glm.fracridge: true`` (off by default): GLMsingle's fractional ridge regression
+   (:func:`fracridge_session_betas`). Each run's single-trial design (every trial its own
+   regressor, as LSA, with the same HRFs) is fitted by ridge regression at every fraction of
+   ``glm.fracridge_fractions`` (:func:`rtdecoder.glm.fracridge.fracridge`). The drift and motion
+   confounds are projected out of design and data first, so only the trial regressors are
+   shrunk. Each voxel's ridge betas are then mapped onto its OLS betas of step 6 by a
+   least-squares scale and offset over the session's trials, as GLMsingle does, so that they stay
+   in the units of the OLS betas the live GLM produces. One fraction per voxel is chosen by
+   cross-validation on stimuli shown in two or more runs (GLMsingle also chooses on repeated
+   conditions; the criterion here is a correlation): the fraction whose betas of such trials
+   correlate best with the mean of the same stimulus's betas in the other runs. Only training
+   trials (``is_test`` false) take part in the choice, so the held-out evaluation stays
+   independent of it. Fraction 1 is always a candidate and means *unchanged*: such voxels keep
+   their step-6 betas exactly (for LSS, the LSS betas, not the LSA fit). Without any stimulus in
+   two runs, every voxel keeps its OLS betas, with a warning.
 
-Not done: GLMdenoise-style noise regressors and GLMsingle's fractional ridge regression. The
-live GLM is plain OLS, and a ridge-shrunk calibration beta would be on a different scale from the
-live betas the model then sees; z-scoring with calibration statistics would not undo that.
+Units with fractional ridge: the rescaling keeps each voxel's mean and its linear relation to the
+OLS betas, but ridge betas vary less from trial to trial than OLS betas (that is the denoising),
+so the z-scoring statistics of :mod:`calibration.calibrate` computed on them are narrower than
+those of the live OLS betas the model will see. The live GLM stays OLS: fractional ridge needs
+the whole session. Not done: GLMdenoise-style noise regressors.
 
 Output (:func:`save_betas`): ``betas.nii.gz``, float32 of shape ``(n_voxels, 1, 1, n_trials)``
 (mask space: voxel ``i`` is row ``i`` of the mask's C-order voxel list, ``mask.nii.gz`` beside it)
-and ``trials.tsv`` (one row per volume of the fourth axis).
+and ``trials.tsv`` (one row per volume of the fourth axis); with fractional ridge also
+``fracridge_fractions.nii.gz``, float32 of shape ``(n_voxels, 1, 1)``, each voxel's chosen
+fraction (:func:`load_fracridge_fractions`).
 """
 
 from __future__ import annotations
@@ -49,8 +68,9 @@ import nibabel as nib
 import numpy as np
 
 from rtdecoder.config import RTDecoderConfig
-from rtdecoder.errors import BundleError, VolumeError
+from rtdecoder.errors import BundleError, ConfigError, VolumeError
 from rtdecoder.glm.events import Trial, read_events_tsv
+from rtdecoder.glm.fracridge import design_svd, fracridge
 from rtdecoder.glm.hrf import library_r2
 from rtdecoder.glm.incremental import IncrementalGLM
 from rtdecoder.ingest.readers import read_volume
@@ -64,11 +84,15 @@ EVENTS_NAME = "events.tsv"
 BETAS_NAME = "betas.nii.gz"
 TRIALS_NAME = "trials.tsv"
 MASK_NAME = "mask.nii.gz"
+FRACTIONS_NAME = "fracridge_fractions.nii.gz"
 TRIALS_COLUMNS = ("column", "run", "trial_id", "onset", "duration", "stim_id", "stim_index", "is_test")
 # Offline, nothing needs releasing before the run ends: the final betas do not depend on release
 # settings, and skipping releases avoids solving every trial at every volume.
 _NEVER_RELEASE_S = 1e9
 _SKIPPED_SUFFIXES = (".json", ".tsv", ".txt", ".md")
+# Fractional ridge holds a few (n_fractions, n_trials, chunk) float64 arrays of candidates at a
+# time: voxels are taken in chunks of at most this many elements each (2**23: 64 MB).
+_FRACRIDGE_CHUNK_ELEMENTS = 2**23
 
 
 @dataclass
@@ -90,6 +114,41 @@ class RunFolder:
     directory: Path
     volume_paths: list[Path]
     trials: list[Trial]
+
+
+@dataclass
+class RunDesign:
+    """One run's single-trial (LSA) design and data, as fractional ridge fits them.
+
+    Attributes
+    ----------
+    trial_columns : ndarray of shape (n_groups, n_volumes, n_trials)
+        Each HRF group's trial regressors over the whole run (one group with a canonical HRF).
+    nuisance : ndarray of shape (n_volumes, n_nuisance)
+        Confounds that are fitted but not shrunk (motion parameters, drift).
+    group_of_voxel : ndarray of shape (n_voxels,), int
+        The HRF group (first axis of ``trial_columns``) of each voxel.
+    data : ndarray of shape (n_volumes, n_voxels)
+        Percent signal change; NaN rows are missing volumes, left out of the fit.
+    """
+
+    trial_columns: np.ndarray
+    nuisance: np.ndarray
+    group_of_voxel: np.ndarray
+    data: np.ndarray
+
+    @classmethod
+    def from_estimator(
+        cls, estimator: IncrementalGLM, data: np.ndarray, motion_params: np.ndarray, motion_confounds: bool
+    ) -> RunDesign:
+        """The design a started :class:`IncrementalGLM` built, with the same confound columns."""
+        group_of_voxel = np.empty(estimator.n_voxels_, dtype=np.int64)
+        for group, cols in enumerate(estimator.group_slices_):
+            group_of_voxel[estimator.voxel_order_[cols]] = group
+        nuisance = estimator.drift_
+        if motion_confounds:
+            nuisance = np.hstack([np.nan_to_num(motion_params), nuisance])
+        return cls(estimator.trial_columns_, nuisance, group_of_voxel, data)
 
 
 @dataclass
@@ -118,6 +177,9 @@ class SessionBetas:
         Per run: each volume's rigid motion to the reference (NaN rows for missing volumes).
     n_missing : dict of str to int
         Per run: volumes that were not found.
+    fracridge_fractions : ndarray of shape (n_voxels,), float32, or None
+        With ``glm.fracridge``: the fraction of the OLS norm chosen for each voxel (1: the voxel
+        kept its OLS betas). None when the betas are OLS.
     """
 
     betas: np.ndarray
@@ -130,6 +192,7 @@ class SessionBetas:
     tr_s: float
     motion_params: dict[str, np.ndarray] = field(default_factory=dict)
     n_missing: dict[str, int] = field(default_factory=dict)
+    fracridge_fractions: np.ndarray | None = None
 
     @property
     def stim_index(self) -> np.ndarray:
@@ -281,6 +344,7 @@ def estimate_session_betas(
         hrf_index = choose_session_hrf(psc_runs, config, tr_s)
     offline = glm.model_copy(update={"beta_wait_s": _NEVER_RELEASE_S, "publish_refinements": False})
     betas, trials, labels = [], [], []
+    designs: list[RunDesign] = []
     for run, psc, params in psc_runs:
         estimator = IncrementalGLM.from_config(
             offline, run.trials, tr_s, psc.shape[0], slice_time_ref_s=0.0,
@@ -295,8 +359,17 @@ def estimate_session_betas(
             betas.append(beta.beta)
         trials += run.trials
         labels += [run.label] * len(run.trials)
+        if glm.fracridge:
+            designs.append(RunDesign.from_estimator(estimator, psc, params, glm.motion_confounds))
+    session_betas = np.stack(betas).astype(np.float32)
+    fractions = None
+    if glm.fracridge:
+        is_test = np.array([t.is_test for t in trials], dtype=bool)
+        session_betas, fractions = fracridge_session_betas(
+            session_betas, designs, stimulus_keys(trials), ~is_test, glm.fracridge_fractions
+        )
     result = SessionBetas(
-        betas=np.stack(betas).astype(np.float32),
+        betas=session_betas,
         trials=trials,
         run_labels=labels,
         mask=voxel_mask,
@@ -306,11 +379,230 @@ def estimate_session_betas(
         tr_s=tr_s,
         motion_params={run.label: params for run, _, params, _ in raw_runs},
         n_missing={run.label: int(np.isnan(values[:, 0]).sum()) for run, values, _, _ in raw_runs},
+        fracridge_fractions=fractions,
     )
     logger.info(
         "calibration betas: %d trials x %d voxels from %d runs", len(trials), voxel_mask.n_voxels, len(runs)
     )
     return result
+
+
+def stimulus_keys(trials: Sequence[Trial]) -> np.ndarray:
+    """An integer per trial, equal for trials of the same stimulus; -1 for trials with none.
+
+    Trials are matched on ``stim_id`` when they have one, otherwise on ``stim_index``.
+
+    Parameters
+    ----------
+    trials : sequence of Trial
+
+    Returns
+    -------
+    ndarray of shape (n_trials,), int64
+
+    Examples
+    --------
+    >>> from rtdecoder.glm.events import Trial
+    >>> stimulus_keys([Trial("a", 0.0, 1.0, stim_id="x"), Trial("b", 5.0, 1.0),
+    ...                Trial("c", 9.0, 1.0, stim_id="x")]).tolist()
+    [0, -1, 0]
+    """
+    names = [t.stim_id if t.stim_id else (f"#{t.stim_index}" if t.stim_index >= 0 else "") for t in trials]
+    known = sorted({name for name in names if name})
+    code = {name: number for number, name in enumerate(known)}
+    return np.array([code.get(name, -1) for name in names], dtype=np.int64)
+
+
+def fracridge_session_betas(
+    ols_betas: np.ndarray,
+    runs: Sequence[RunDesign],
+    stimulus: np.ndarray,
+    choose_on: np.ndarray,
+    fractions: Sequence[float],
+) -> tuple[np.ndarray, np.ndarray]:
+    """GLMsingle-style fractional ridge betas of a session, one fraction per voxel.
+
+    For every run and HRF group, the confounds are projected out of the trial regressors and the
+    data, and :func:`~rtdecoder.glm.fracridge.fracridge` fits the trial betas at every fraction
+    (only trial regressors are shrunk). For every fraction and voxel, the ridge betas are mapped
+    onto ``ols_betas`` by least squares, ``ols ~ scale * ridge + offset`` over the estimable
+    trials, and the fraction-1 candidate is ``ols_betas`` itself. Each voxel then takes the
+    candidate whose betas are most reliable over repeated stimuli: over the ``choose_on`` trials
+    ``i`` whose stimulus was also shown in another run, the Pearson correlation between the
+    candidate's beta of ``i`` and the mean of its betas of the same stimulus in the other runs
+    (other runs only, so that the two sides' noise is independent; a correlation, not a squared
+    error, because a squared error rewards whatever varies least, and the least reliable
+    candidates, fitted onto OLS, vary least). Ties go to the larger fraction.
+
+    Parameters
+    ----------
+    ols_betas : ndarray of shape (n_trials, n_voxels)
+        The session's OLS betas (PSC), trials in run order; NaN rows (trials not estimable) stay
+        NaN and take no part.
+    runs : sequence of RunDesign
+        The runs, in the order of ``ols_betas``'s rows; their trial counts must add up.
+    stimulus : ndarray of shape (n_trials,), int
+        Equal values for trials of the same stimulus, -1 for none (:func:`stimulus_keys`).
+    choose_on : ndarray of shape (n_trials,), bool
+        The trials whose repeats choose the fractions (e.g. not the held-out test images).
+    fractions : sequence of float
+        Candidate fractions of the OLS norm, each in (0, 1], 1 among them.
+
+    Returns
+    -------
+    betas : ndarray of shape (n_trials, n_voxels), float32
+        In the units of ``ols_betas``.
+    chosen : ndarray of shape (n_voxels,), float32
+        The fraction each voxel took (all 1 when no stimulus is shown in two runs).
+
+    Raises
+    ------
+    ConfigError
+        If the fractions are out of range or lack 1, or the arrays do not match the runs.
+    """
+    grid = np.unique(np.asarray(fractions, dtype=np.float64))
+    if grid.size == 0 or not np.all((grid > 0.0) & (grid <= 1.0)) or grid[-1] != 1.0:
+        raise ConfigError(
+            f"glm.fracridge_fractions: expected fractions in (0, 1] including 1.0 (got {list(fractions)})"
+        )
+    ols = np.asarray(ols_betas, dtype=np.float64)
+    counts = [design.trial_columns.shape[2] for design in runs]
+    n_trials = int(sum(counts))
+    if ols.ndim != 2 or ols.shape[0] != n_trials:
+        raise ConfigError(
+            f"fracridge: ols_betas: expected shape ({n_trials}, n_voxels), one row per trial of the runs "
+            f"(got {ols.shape})"
+        )
+    stimulus, choose_on = np.asarray(stimulus), np.asarray(choose_on, dtype=bool)
+    if stimulus.shape != (n_trials,) or choose_on.shape != (n_trials,):
+        raise ConfigError(
+            f"fracridge: stimulus, choose_on: expected shape ({n_trials},) (got {stimulus.shape}, {choose_on.shape})"
+        )
+    run_of_trial = np.repeat(np.arange(len(runs)), counts)
+    estimable = np.all(np.isfinite(ols), axis=1)
+    average = _repeat_average(stimulus, choose_on & estimable, run_of_trial)
+    n_voxels = ols.shape[1]
+    if average is None:
+        logger.warning(
+            "fractional ridge: no training stimulus is shown in two different runs, so no fraction can be "
+            "cross-validated; every voxel keeps its OLS betas (fraction 1)"
+        )
+        return ols.astype(np.float32), np.ones(n_voxels, dtype=np.float32)
+    targets, weights = average
+    betas = np.full_like(ols, np.nan)
+    chosen = np.ones(n_voxels)
+    chunk = max(1, _FRACRIDGE_CHUNK_ELEMENTS // (grid.size * n_trials))
+    fits: dict = {}  # each run's confound basis and each (run, HRF group)'s design SVD, across chunks
+    for start in range(0, n_voxels, chunk):
+        cols = np.arange(start, min(start + chunk, n_voxels))
+        candidates = _ridge_candidates(runs, cols, grid, n_trials, fits)
+        candidates = _rescale_onto(candidates, ols[:, cols], estimable)
+        candidates[-1] = ols[:, cols]  # fraction 1: the OLS betas themselves
+        scores = np.stack([_column_correlation(c[targets], weights @ c) for c in candidates])
+        scores[~np.isfinite(scores)] = -np.inf
+        # argmax over the reversed grid: ties (e.g. voxels with no signal) keep the least shrinkage
+        best = grid.size - 1 - np.argmax(scores[::-1], axis=0)
+        betas[:, cols] = candidates[best, :, np.arange(cols.size)].T
+        chosen[cols] = grid[best]
+    betas[~estimable] = np.nan
+    logger.info(
+        "fractional ridge: fractions cross-validated on %d trials of %d repeated stimuli; median fraction "
+        "%.2f, %.0f%% of %d voxels kept OLS (fraction 1)", targets.size, np.unique(stimulus[targets]).size,
+        float(np.median(chosen)), 100.0 * float(np.mean(chosen == 1.0)), n_voxels,
+    )
+    return betas.astype(np.float32), chosen.astype(np.float32)
+
+
+def _repeat_average(
+    stimulus: np.ndarray, usable: np.ndarray, run_of_trial: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Trials with a repeat in another run, and the matrix averaging those repeats for each.
+
+    Returns ``(targets, weights)``: ``targets`` (n_targets,) trial rows; ``weights`` a sparse
+    (n_targets, n_trials) matrix whose row ``n`` averages the other runs' trials of the stimulus of
+    ``targets[n]``. None when no trial has such a repeat.
+    """
+    from scipy import sparse
+
+    targets, rows, sources, values = [], [], [], []
+    for key in np.unique(stimulus[usable & (stimulus >= 0)]):
+        members = np.flatnonzero(usable & (stimulus == key))
+        for i in members:
+            others = members[run_of_trial[members] != run_of_trial[i]]
+            if others.size:
+                rows += [len(targets)] * others.size
+                targets.append(i)
+                sources += others.tolist()
+                values += [1.0 / others.size] * others.size
+    if not targets:
+        return None
+    weights = sparse.csr_matrix((values, (rows, sources)), shape=(len(targets), stimulus.size))
+    return np.array(targets, dtype=np.int64), weights
+
+
+def _ridge_candidates(
+    runs: Sequence[RunDesign], cols: np.ndarray, grid: np.ndarray, n_trials: int, fits: dict
+) -> np.ndarray:
+    """Ridge betas (n_fractions, n_trials, len(cols)) of voxels ``cols``, run by run, group by group.
+
+    ``fits`` caches what does not depend on the voxels (confound bases, residual designs and their
+    SVDs) from one chunk of voxels to the next.
+    """
+    candidates = np.empty((grid.size, n_trials, cols.size))
+    first = 0
+    for number, design in enumerate(runs):
+        n_run = design.trial_columns.shape[2]
+        if number not in fits:
+            rows = ~np.isnan(design.data[:, 0])
+            # Projecting the confounds out of design and data leaves them unpenalised (Frisch-
+            # Waugh-Lovell): the ridge solution on the residuals is that of the full model with only
+            # the trial betas penalised.
+            fits[number] = (rows, _orthonormal_basis(design.nuisance[rows]))
+        rows, basis = fits[number]
+        y = design.data[rows][:, cols].astype(np.float64)
+        y -= basis @ (basis.T @ y)
+        groups = design.group_of_voxel[cols]
+        for group in np.unique(groups):
+            if (number, group) not in fits:
+                x = design.trial_columns[group][rows]
+                x = x - basis @ (basis.T @ x)
+                fits[number, group] = (x, design_svd(x))
+            x, svd = fits[number, group]
+            members = groups == group
+            candidates[:, first : first + n_run, members] = fracridge(x, y[:, members], grid, svd=svd)[0]
+        first += n_run
+    return candidates
+
+
+def _rescale_onto(candidates: np.ndarray, ols: np.ndarray, estimable: np.ndarray) -> np.ndarray:
+    """Each fraction's betas mapped per voxel onto ``ols`` by a least-squares scale and offset.
+
+    The fit uses the estimable trials only; a voxel whose ridge betas do not vary gets scale 0
+    (every trial then takes the voxel's mean OLS beta).
+    """
+    fitted = candidates[:, estimable]  # (n_fractions, n, V)
+    target = ols[estimable]  # (n, V)
+    fitted_mean, target_mean = fitted.mean(axis=1), target.mean(axis=0)
+    centred = fitted - fitted_mean[:, None]
+    variance = (centred**2).sum(axis=1)
+    covariance = (centred * (target - target_mean)[None]).sum(axis=1)
+    scale = np.divide(covariance, variance, out=np.zeros_like(variance), where=variance > 0.0)
+    offset = target_mean[None] - scale * fitted_mean
+    return candidates * scale[:, None] + offset[:, None]
+
+
+def _column_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each column of ``a`` with the same column of ``b`` (NaN if one is constant)."""
+    a = a - a.mean(axis=0)
+    b = b - b.mean(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (a * b).sum(axis=0) / np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
+
+
+def _orthonormal_basis(columns: np.ndarray) -> np.ndarray:
+    """An orthonormal basis (n_rows, rank) of the span of ``columns`` (all-zero columns add nothing)."""
+    u, s, _ = np.linalg.svd(columns, full_matrices=False)
+    return u[:, s > s.max(initial=0.0) * max(columns.shape) * np.finfo(np.float64).eps]
 
 
 def choose_session_hrf(
@@ -344,13 +636,25 @@ def choose_session_hrf(
 
 
 def save_betas(result: SessionBetas, directory: str | Path) -> Path:
-    """Write ``betas.nii.gz`` (mask space), ``trials.tsv`` and ``mask.nii.gz`` into ``directory``."""
+    """Write ``betas.nii.gz`` (mask space), ``trials.tsv`` and ``mask.nii.gz`` into ``directory``.
+
+    With fractional ridge also ``fracridge_fractions.nii.gz``; without, a stale one from an
+    earlier call on the same folder is removed, so the folder never pairs OLS betas with it.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     data = result.betas.T[:, None, None, :]  # (V, 1, 1, N)
     image = nib.Nifti1Image(np.ascontiguousarray(data, dtype=np.float32), np.eye(4))
-    image.header["descrip"] = b"rtdecoder single-trial betas, PSC, mask space"
+    ridge = result.fracridge_fractions is not None
+    image.header["descrip"] = b"rtdecoder single-trial betas, PSC, mask space" + (b", fracridge" if ridge else b"")
     nib.save(image, directory / BETAS_NAME)
+    if ridge:
+        fractions = np.asarray(result.fracridge_fractions, dtype=np.float32)[:, None, None]  # (V, 1, 1)
+        image = nib.Nifti1Image(np.ascontiguousarray(fractions), np.eye(4))
+        image.header["descrip"] = b"rtdecoder fracridge fraction per voxel, mask space"
+        nib.save(image, directory / FRACTIONS_NAME)
+    else:
+        (directory / FRACTIONS_NAME).unlink(missing_ok=True)
     result.mask.to_nifti(directory / MASK_NAME)
     with open(directory / TRIALS_NAME, "w", newline="") as handle:
         writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
@@ -387,6 +691,28 @@ def load_betas(directory: str | Path) -> tuple[np.ndarray, list[dict[str, str]],
     if len(rows) != data.shape[3]:
         raise BundleError(f"{directory / TRIALS_NAME}: {len(rows)} rows but {path} has {data.shape[3]} trials")
     return data[:, 0, 0, :].T.copy(), rows, mask
+
+
+def load_fracridge_fractions(directory: str | Path) -> np.ndarray | None:
+    """The per-voxel fractions :func:`save_betas` wrote with fractional ridge betas.
+
+    Returns
+    -------
+    ndarray of shape (n_voxels,), float32, or None
+        None when the folder holds OLS betas (no ``fracridge_fractions.nii.gz``).
+    """
+    directory = Path(directory)
+    path = directory / FRACTIONS_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+    except (OSError, nib.filebasedimages.ImageFileError) as err:
+        raise BundleError(f"{path}: cannot read fractions: {err}") from None
+    n_voxels = VoxelMask.from_nifti(directory / MASK_NAME).n_voxels
+    if data.shape != (n_voxels, 1, 1):
+        raise BundleError(f"{path}: expected shape ({n_voxels}, 1, 1) for the mask (got {data.shape})")
+    return data[:, 0, 0].copy()
 
 
 def _correct_run(

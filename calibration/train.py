@@ -139,14 +139,14 @@ class _StepModule(nn.Module):
         self,
         betas: dict[str, torch.Tensor],
         targets: torch.Tensor,
-        prior_draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        prior_draws: tuple[torch.Tensor, ...] | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         out = self.model(betas)
         prior_pred = None
         if self.model.prior is not None and prior_draws is not None:
-            t, noise, keep = prior_draws
+            t, noise, *keep_masks = prior_draws  # the dalle2 prior also drops image tokens
             noisy = self.model.prior.add_noise(targets, t, noise)
-            prior_pred = self.model.prior.denoise(noisy, t, out.backbone_tokens, keep)
+            prior_pred = self.model.prior.denoise(noisy, t, out.backbone_tokens, *keep_masks)
         return out.clip_tokens, prior_pred, out.lowlevel
 
 

@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from rtdecoder.decode.prior import ddim_plan, ddim_sample
 from rtdecoder.errors import ConfigError, DecoderError
 
 ENCODER_INPUTS = ("betas",)
@@ -91,12 +92,15 @@ class Engine(Protocol):
         ``"torch-eager"``, ``"torch-compiled"``, ``"onnxruntime-cpu"``, ``"tensorrt-fp16"``, ...
     alphas_cumprod : Tensor of shape (prior_timesteps,)
         The prior's noise schedule (float32, CPU).
+    ddim_schedule : str
+        ``model.prior_ddim_schedule`` of the model it runs (``uniform`` or ``dalle2``).
     device : torch.device
         Where :meth:`denoise` wants its inputs (CPU for ONNX Runtime, whatever its provider).
     """
 
     name: str
     alphas_cumprod: torch.Tensor
+    ddim_schedule: str
     device: torch.device
 
     def encode(self, betas: torch.Tensor) -> EncoderOutput:
@@ -114,9 +118,8 @@ def sample_prior(
 ) -> torch.Tensor:
     """DDIM sampling of image tokens through any engine's denoiser.
 
-    The update is the one of ``DiffusionPrior.sample`` in :mod:`rtdecoder.decode.model`
-    (same timesteps, same noise draws for the same generator); ``tests/test_engines.py`` checks
-    that the two agree, so the copies cannot drift apart.
+    The steps are those of the prior's own ``sample`` (:func:`~rtdecoder.decode.prior.ddim_plan`
+    with the engine's ``ddim_schedule``); only the noise differs, drawn here from a CPU generator.
 
     Parameters
     ----------
@@ -124,7 +127,7 @@ def sample_prior(
     brain : Tensor of shape (B, T, D)
         Backbone tokens.
     n_steps : int
-        Denoiser evaluations, 1..prior_timesteps.
+        As ``model.prior_sample_steps``: denoiser calls (uniform) or grid points (dalle2).
     eta : float, default=0.0
         0 deterministic DDIM, 1 DDPM-like fresh noise.
     seed : int, default=0
@@ -137,25 +140,17 @@ def sample_prior(
     """
     device = engine.device
     abar = engine.alphas_cumprod.to(device)
-    n_timesteps = abar.shape[0]
-    if not 1 <= n_steps <= n_timesteps:
-        raise DecoderError(f"prior sampling: n_steps: expected 1..{n_timesteps} (got {n_steps})")
+    try:
+        plan = ddim_plan(abar, n_steps, engine.ddim_schedule, eta)
+    except ConfigError as err:
+        raise DecoderError(str(err)) from None
     generator = torch.Generator().manual_seed(seed)
-    timesteps = torch.linspace(n_timesteps - 1, 0, n_steps).round().long().tolist()
-    B = brain.shape[0]
-    brain = brain.to(device)
-    # Noise is drawn on the CPU so that every backend and device sees the same numbers.
-    x = torch.randn(brain.shape, generator=generator, dtype=brain.dtype).to(device)
-    for i, t in enumerate(timesteps):
-        a_t = abar[t]
-        a_prev = abar[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.ones_like(a_t)
-        x0 = engine.denoise(x, torch.full((B,), t, dtype=torch.long, device=device), brain)
-        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
-        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
-        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
-        if float(sigma) > 0:
-            x = x + sigma * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(device)
-    return x
+
+    def noise(shape: torch.Size) -> torch.Tensor:
+        # drawn on the CPU so that every backend and device sees the same numbers
+        return torch.randn(shape, generator=generator, dtype=brain.dtype).to(device)
+
+    return ddim_sample(engine.denoise, brain.to(device), plan, eta, noise)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -98,6 +98,7 @@ def export_onnx(model: nn.Module, subject_id: str, folder: str | Path, opset: in
         "token_dim": config.token_dim,
         "prior_timesteps": config.prior_timesteps,
         "alphas_cumprod": model.prior.alphas_cumprod.tolist(),
+        "ddim_schedule": config.prior_ddim_schedule,
         "encoder_outputs": encoder_outputs,
         "opset": opset,
         "input_dtype": "float32",

@@ -46,6 +46,7 @@ class OnnxRuntimeEngine:
         self.denoiser = ort.InferenceSession(str(self.folder / DENOISER_ONNX), options, providers=providers)
         self.name = "onnxruntime-" + ("cuda" if providers[0].startswith("CUDA") else "cpu")
         self.alphas_cumprod = torch.tensor(self.meta["alphas_cumprod"], dtype=torch.float32)
+        self.ddim_schedule = self.meta.get("ddim_schedule", "uniform")  # exports before it existed: uniform
         self.device = torch.device("cpu")  # feeds are numpy arrays whatever the provider
 
     def encode(self, betas: torch.Tensor) -> EncoderOutput:

@@ -158,6 +158,7 @@ class TensorRTEngine:
         self.name = "tensorrt"
         self.device = torch.device("cuda")
         self.alphas_cumprod = torch.tensor(self.meta["alphas_cumprod"], dtype=torch.float32)
+        self.ddim_schedule = self.meta.get("ddim_schedule", "uniform")  # exports before it existed: uniform
 
     def encode(self, betas: torch.Tensor) -> EncoderOutput:
         """Run the encoder on (B, V) betas; outputs are float32 CUDA tensors."""

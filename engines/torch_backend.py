@@ -48,6 +48,7 @@ class TorchEngine:
         self.compiled = compile
         self.name = f"torch-{'compiled' if compile else 'eager'}-{self.device.type}"
         self.alphas_cumprod = model.prior.alphas_cumprod.detach().float().cpu()
+        self.ddim_schedule = model.config.prior_ddim_schedule
 
     @torch.no_grad()
     def encode(self, betas: torch.Tensor) -> EncoderOutput:

@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rtdecoder.errors import ConfigError
 
 CONFIG_VERSION = 1
+#: GLMsingle's default grid of ridge fractions: 0.05 to 1 in steps of 0.05.
+DEFAULT_FRACRIDGE_FRACTIONS: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 21))
 
 # Keys that files written by :func:`save_config` may still hold but that no longer exist. They are
 # dropped on reading so that subject bundles calibrated before a key was retired still load; YAML
@@ -140,6 +142,28 @@ class GLMConfig(Section):
     motion_confounds: bool = True
     beta_wait_s: float = Field(8.0, ge=0.0, description="seconds after onset before a beta is released")
     publish_refinements: bool = True
+    fracridge: bool = Field(
+        False,
+        description="calibration only: GLMsingle-style fractional ridge betas, one fraction per voxel chosen "
+        "on repeated training images, rescaled onto the OLS betas (see calibration/betas.py); the live GLM "
+        "stays OLS",
+    )
+    fracridge_fractions: tuple[float, ...] = Field(
+        DEFAULT_FRACRIDGE_FRACTIONS,
+        description="candidate fractions of the OLS betas' norm, each in (0, 1]; must hold 1 (OLS)",
+    )
+
+    @field_validator("fracridge_fractions")
+    @classmethod
+    def _fractions_in_range(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value:
+            raise ValueError("expected at least one fraction")
+        bad = [f for f in value if not 0.0 < f <= 1.0]
+        if bad:
+            raise ValueError(f"expected each fraction in (0, 1]; out of range: {bad}")
+        if 1.0 not in value:
+            raise ValueError("expected 1.0 among the fractions (no shrinkage, kept by voxels that ridge does not help)")
+        return tuple(sorted(set(value)))
 
 
 class ModelConfig(Section):
@@ -163,12 +187,45 @@ class ModelConfig(Section):
     prior_sample_eta: float = Field(1.0, ge=0.0, description="DDIM eta: 0 deterministic, 1 DDPM-like")
     lowlevel_channels: int = Field(4, ge=1, description="channels of the low-level output (4: SD-VAE latent)")
     lowlevel_upsamples: int = Field(2, ge=0, description="x2 upsamplings from 7x7 (2: 28x28 px)")
+    lowlevel_decoder: Literal["conv", "vae"] = Field(
+        "conv",
+        description="conv: our small conv decoder; vae: a diffusers VAE decoder as in the released MindEye2 "
+        "(block widths 32, 64, 128 for 2 upsamplings, one resnet layer per block)",
+    )
+    prior_network: Literal["compact", "dalle2"] = Field(
+        "compact",
+        description="compact: our pre-norm transformer (rtdecoder/decode/prior.py); dalle2: the released "
+        "MindEye2 prior network (rtdecoder/decode/prior_dalle2.py), needs prior_dim == token_dim",
+    )
+    prior_dim_head: int | None = Field(
+        None, ge=1, description="dalle2 only: width of each attention head (paper: 52); default prior_dim / heads"
+    )
+    prior_ddim_schedule: Literal["uniform", "dalle2"] = Field(
+        "uniform",
+        description="uniform: prior_sample_steps denoiser calls on evenly spaced timesteps; dalle2: the released "
+        "sampler's grid and alpha indexing (prior_sample_steps grid points, one fewer denoiser calls)",
+    )
 
     @model_validator(mode="after")
-    def _heads_divide_dim(self) -> ModelConfig:
-        if self.prior_dim % self.prior_heads:
+    def _prior_sizes_fit(self) -> ModelConfig:
+        if self.prior_network == "compact" and self.prior_dim % self.prior_heads:
             raise ValueError(
                 f"prior_dim ({self.prior_dim}) must be a multiple of prior_heads ({self.prior_heads})"
+            )
+        if self.prior_network == "dalle2" and self.prior_dim != self.token_dim:
+            raise ValueError(
+                f"prior_network 'dalle2' works on the tokens themselves: prior_dim ({self.prior_dim}) must equal "
+                f"token_dim ({self.token_dim})"
+            )
+        if self.prior_network == "dalle2" and self.prior_dim_head is None and self.prior_dim % self.prior_heads:
+            raise ValueError(
+                f"prior_dim ({self.prior_dim}) must be a multiple of prior_heads ({self.prior_heads}) "
+                "unless prior_dim_head is given"
+            )
+        if self.prior_ddim_schedule == "dalle2" and not 2 <= self.prior_sample_steps < self.prior_timesteps:
+            raise ValueError(
+                f"prior_ddim_schedule 'dalle2': prior_sample_steps ({self.prior_sample_steps}) must be in "
+                f"2..{self.prior_timesteps - 1} (the released sampler's DDIM range)"
             )
         return self
 

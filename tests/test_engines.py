@@ -51,6 +51,28 @@ def test_onnxruntime_matches_torch_eager_with_dynamic_batch(model, onnx_folder):
     assert isinstance(out, EncoderOutput) and out.lowlevel.shape == (2, 3, 14, 14)
 
 
+def test_released_architecture_runs_through_onnxruntime(tmp_path):
+    """The imported layout (dalle2 prior, VAE low-level decoder, dalle2 steps) exports and agrees."""
+    torch.manual_seed(0)
+    config = ModelConfig(hidden_dim=32, n_blocks=0, n_tokens=4, token_dim=16, prior_dim=16, prior_depth=2,
+                         prior_heads=2, prior_dim_head=12, prior_timesteps=20, prior_network="dalle2",
+                         prior_ddim_schedule="dalle2", prior_sample_steps=5, lowlevel=True, lowlevel_decoder="vae",
+                         lowlevel_channels=4, lowlevel_upsamples=1)
+    released = MindEye2(config, {"sub-01": 50}).eval()
+    reference = TorchEngine(released, "sub-01")
+    assert reference.ddim_schedule == "dalle2"
+    brain = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(
+        sample_prior(reference, brain, n_steps=5, eta=1.0, seed=3),
+        released.prior.sample(brain, n_steps=5, eta=1.0, generator=torch.Generator().manual_seed(3)),
+    )
+    engine = OnnxRuntimeEngine(export_onnx(released, "sub-01", tmp_path))
+    assert engine.ddim_schedule == "dalle2"
+    errors = compare_engines(reference, engine, torch.randn(3, 50), n_steps=4)
+    assert max(errors.values()) < 1e-4, errors
+    assert engine.encode(torch.randn(1, 50)).lowlevel.shape == (1, 4, 14, 14)
+
+
 def test_onnxruntime_checks_inputs_and_folder(onnx_folder, tmp_path):
     engine = OnnxRuntimeEngine(onnx_folder)
     with pytest.raises(DecoderError, match=r"betas: expected shape \(B, 50\) for subject sub-01"):

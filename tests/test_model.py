@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from rtdecoder.config import ModelConfig, load_config
-from rtdecoder.decode.model import MindEye2, cosine_alphas_cumprod, count_parameters
+from rtdecoder.decode.model import MindEye2, count_parameters
+from rtdecoder.decode.prior import cosine_alphas_cumprod, ddim_plan
 from rtdecoder.errors import BundleError, ConfigError
 
 
@@ -54,6 +55,28 @@ def test_nsd_preset_builds_paper_sizes_on_meta_device():
     assert 240e6 < count_parameters(model.prior) < 290e6  # doc: about 260M
     assert 2.1e9 < count_parameters(model) < 2.35e9  # doc: about 2.23B
     assert isinstance(model.prior.brain_in, torch.nn.Identity)  # prior_dim == token_dim
+
+
+def test_released_prior_at_paper_sizes_has_the_papers_parameter_count():
+    cfg = load_config("nsd").model.model_copy(update={"prior_network": "dalle2", "prior_dim_head": 52})
+    with torch.device("meta"):
+        prior = MindEye2(cfg, {"subj01": 15724}).prior
+    assert 255e6 < count_parameters(prior) < 265e6  # doc: about 260M
+    assert prior.blocks[0].to_kv.weight.shape == (2 * 52, 1664)  # one key/value head shared by 32 queries
+
+
+def test_dalle2_step_plan_follows_the_released_sampler():
+    abar = cosine_alphas_cumprod(100).float()
+    plan = ddim_plan(abar, 20, "dalle2")
+    assert [s.t for s in plan] == list(range(94, 3, -5))  # 20 grid points, 19 denoiser calls
+    first, last = plan[0], plan[-1]
+    assert first.abar_eps == abar[94] and first.abar_t == abar[93] and first.abar_next == abar[88]
+    assert last.abar_next == 1 and not last.fresh_noise  # the step into t=-1 returns x0
+    assert [s.t for s in ddim_plan(abar, 20, "uniform")][:2] == [99, 94]
+    with pytest.raises(ConfigError, match=r"n_steps: expected 2..99 for the dalle2 schedule \(got 100\)"):
+        ddim_plan(abar, 100, "dalle2")
+    with pytest.raises(ValueError, match="prior_dim .16. must equal token_dim .32."):
+        tiny_config(token_dim=32, prior_network="dalle2")
 
 
 def test_prior_projects_when_prior_dim_differs():

@@ -68,6 +68,19 @@ def test_lowlevel_head_trains_with_targets(tmp_path):
         train(model, datasets(), recipe(epochs=1), tmp_path / "b", progress=False)
 
 
+def test_released_architecture_fine_tunes(tmp_path):
+    """An imported model (dalle2 prior, VAE low-level decoder) trains with the same loop."""
+    model = tiny_model(n_blocks=0, prior_network="dalle2", prior_dim_head=8, lowlevel=True, lowlevel_decoder="vae",
+                       lowlevel_channels=3, lowlevel_upsamples=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(model, datasets(lowlevel=True), recipe(epochs=1), tmp_path, progress=False)
+    assert all(m["prior"] > 0 and m["lowlevel"] > 0 for m in result.losses)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    # both null embeddings get gradient: brain and image tokens are each dropped at prior_cond_drop
+    assert {"prior.null_brain", "prior.null_image", "prior.blocks.0.to_kv.weight"} <= changed
+    assert any(k.startswith("lowlevel_head.decoder.") for k in changed)
+
+
 def test_resume_is_exact(tmp_path):
     full = tiny_model()
     train(full, datasets(), recipe(), tmp_path / "full", progress=False)

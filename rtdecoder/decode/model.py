@@ -8,16 +8,16 @@ width ``D``)::
         \\--low-level head (optional)--> (B, C, 7*2**k, 7*2**k)
     backbone tokens --diffusion prior (sampled)--> predicted image tokens (B, T, D)
 
-Every size comes from :class:`~rtdecoder.config.ModelConfig`. Two choices differ from the
-reference code on purpose (see docs/mindeye2.md):
+Every size comes from :class:`~rtdecoder.config.ModelConfig`. One choice differs from the
+reference code on purpose (see docs/mindeye2.md): the backbone is a residual MLP whose blocks
+train (LayerNorm -> Linear -> GELU -> Dropout -> Linear, plus skip). The reference's mixer
+blocks see a sequence of length 1 and collapse to a constant; :mod:`calibration.import_mindeye2`
+reproduces that behaviour by folding them into the token projection's bias and setting
+``n_blocks=0``.
 
-- The backbone is a residual MLP whose blocks train (LayerNorm -> Linear -> GELU -> Dropout ->
-  Linear, plus skip). The reference's mixer blocks see a sequence of length 1 and collapse to a
-  constant; :mod:`calibration.import_mindeye2` reproduces that behaviour by folding them into the
-  token projection's bias and setting ``n_blocks=0``.
-- The prior works in ``prior_dim``. When it differs from ``token_dim`` (the phantom preset: 1280
-  EfficientNet channels, prior 256) brain and image tokens are projected in and the prediction
-  projected back out; at the paper's sizes ``prior_dim == token_dim`` and these are identities.
+The diffusion prior is in :mod:`rtdecoder.decode.prior` (our compact network, its schedule and
+sampler) or :mod:`rtdecoder.decode.prior_dalle2` (the released network, for imported weights),
+chosen by ``model.prior_network``.
 
 Subject adapters live in ``model.adapters[subject_id]`` so that one can be replaced (a new
 subject's voxel count) without touching the shared weights; see :meth:`MindEye2.add_subject`.
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,6 +39,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rtdecoder.config import ModelConfig
+from rtdecoder.decode.prior import DiffusionPrior
+from rtdecoder.decode.prior_dalle2 import DALLE2Prior
 from rtdecoder.errors import BundleError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -98,18 +99,38 @@ class RetrievalHeadLayer(nn.Module):
 
 
 class LowLevelHead(nn.Module):
-    """Hidden features to a small image: Linear -> 64x7x7 -> (x2 upsample, conv) * k -> C.
+    """Hidden features to a small image: Linear -> 64x7x7 -> GroupNorm -> decoder -> C channels.
 
-    Each upsampling stage is nearest x2, 3x3 conv, GroupNorm, SiLU; the channel count halves
-    per stage (at least 16). A final 3x3 conv gives ``lowlevel_channels`` (4 for an SD-VAE
-    latent, 3 for a low-resolution RGB image). Output side is ``7 * 2**lowlevel_upsamples``.
+    Two decoders (``model.lowlevel_decoder``), both ending at side ``7 * 2**lowlevel_upsamples``:
+
+    - ``conv``: per stage nearest x2, 3x3 conv, GroupNorm, SiLU, the channel count halving (at
+      least 16), then a 3x3 conv to ``lowlevel_channels``. Small enough for 2 cores.
+    - ``vae``: the diffusers VAE decoder the released MindEye2 uses (``UpDecoderBlock2D`` blocks of
+      widths 32, 64, 128, ... one per upsampling plus one, one resnet layer each, a mid block with
+      attention), so that released weights can be imported.
+
+    ``lowlevel_channels`` is 4 for an SD-VAE latent, 3 for a low-resolution RGB image.
     """
 
-    def __init__(self, hidden_dim: int, out_channels: int, n_upsamples: int, dropout: float) -> None:
+    def __init__(
+        self, hidden_dim: int, out_channels: int, n_upsamples: int, dropout: float, decoder: str = "conv"
+    ) -> None:
         super().__init__()
         self.linear = nn.Linear(hidden_dim, LOWLEVEL_CHANNELS * LOWLEVEL_GRID**2)
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.GroupNorm(1, LOWLEVEL_CHANNELS)
+        self.decoder: nn.Module | None = None
+        if decoder == "vae":
+            from diffusers.models.autoencoders.vae import Decoder
+
+            self.decoder = Decoder(
+                in_channels=LOWLEVEL_CHANNELS,
+                out_channels=out_channels,
+                up_block_types=("UpDecoderBlock2D",) * (n_upsamples + 1),
+                block_out_channels=tuple(32 * 2**i for i in range(n_upsamples + 1)),
+                layers_per_block=1,
+            )
+            return
         stages: list[nn.Module] = []
         channels = LOWLEVEL_CHANNELS
         for _ in range(n_upsamples):
@@ -126,194 +147,10 @@ class LowLevelHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
-        maps = self.dropout(self.linear(x)).view(B, LOWLEVEL_CHANNELS, LOWLEVEL_GRID, LOWLEVEL_GRID)
-        return self.out(self.upsampler(self.norm(maps)))  # (B, C, S, S)
-
-
-class PriorBlock(nn.Module):
-    """Pre-norm transformer block: full (non-causal) self-attention, then a SwiGLU MLP."""
-
-    def __init__(self, dim: int, n_heads: int, ff_mult: int) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self.norm1 = nn.LayerNorm(dim)
-        # no bias: a key bias cannot change attention, so it would get only round-off gradient
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.attn_out = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.ff_in = nn.Linear(dim, 2 * ff_mult * dim)
-        self.ff_out = nn.Linear(ff_mult * dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v = self.qkv(self.norm1(x)).split(C, dim=-1)
-        q, k, v = (t.view(B, N, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, C/heads)
-        x = x + self.attn_out(y.transpose(1, 2).reshape(B, N, C))
-        gate, value = self.ff_in(self.norm2(x)).chunk(2, dim=-1)
-        return x + self.ff_out(F.silu(gate) * value)
-
-
-def cosine_alphas_cumprod(n_timesteps: int, offset: float = 0.008) -> torch.Tensor:
-    """Cumulative signal fraction of the cosine noise schedule (Nichol & Dhariwal 2021).
-
-    Parameters
-    ----------
-    n_timesteps : int
-        Number of diffusion steps.
-    offset : float, default=0.008
-        Keeps the first steps' noise from vanishing.
-
-    Returns
-    -------
-    Tensor of shape (n_timesteps,)
-        ``alpha_bar[t]``, decreasing from near 1 to near 0, float64.
-
-    Examples
-    --------
-    >>> a = cosine_alphas_cumprod(100)
-    >>> bool(a[0] > 0.99 and a[-1] < 1e-3)
-    True
-    """
-    steps = torch.arange(n_timesteps + 1, dtype=torch.float64)
-    f = torch.cos((steps / n_timesteps + offset) / (1 + offset) * math.pi / 2) ** 2
-    betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
-    return torch.cumprod(1 - betas, dim=0)
-
-
-class DiffusionPrior(nn.Module):
-    """Maps backbone tokens to image tokens by denoising, DALL-E 2 style, predicting x0.
-
-    The transformer sees ``T`` brain tokens, one time token and ``T`` noisy image tokens, all in
-    ``prior_dim``, each position with a learned embedding, attending without a causal mask; the
-    last ``T`` outputs are the predicted clean image tokens. During training the brain tokens of
-    a ``prior_cond_drop`` share of the batch are replaced by a learned null embedding.
-    """
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        T, D, P = config.n_tokens, config.token_dim, config.prior_dim
-        self.config = config
-        project = P != D
-        self.brain_in = nn.Linear(D, P) if project else nn.Identity()
-        self.image_in = nn.Linear(D, P) if project else nn.Identity()
-        self.image_out = nn.Linear(P, D) if project else nn.Identity()
-        self.null_brain = nn.Parameter(torch.randn(T, D) * D**-0.5)
-        self.time_embed = nn.Embedding(config.prior_timesteps, P)
-        self.pos_embed = nn.Parameter(torch.randn(2 * T + 1, P) * P**-0.5)
-        self.blocks = nn.ModuleList(
-            PriorBlock(P, config.prior_heads, config.prior_ff_mult) for _ in range(config.prior_depth)
-        )
-        self.norm = nn.LayerNorm(P)
-        self.head = nn.Linear(P, P)
-        self.register_buffer(
-            "alphas_cumprod", cosine_alphas_cumprod(config.prior_timesteps).float(), persistent=False
-        )
-
-    def denoise(
-        self, noisy: torch.Tensor, t: torch.Tensor, brain: torch.Tensor, keep: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Predict clean image tokens.
-
-        Parameters
-        ----------
-        noisy : Tensor of shape (B, T, D)
-            Image tokens at noise level ``t``.
-        t : Tensor of shape (B,), int64
-            Timestep index in ``[0, prior_timesteps)``.
-        brain : Tensor of shape (B, T, D)
-            Backbone tokens (the condition).
-        keep : Tensor of shape (B,), bool, optional
-            False rows use the null brain embedding (condition dropout). Default: keep all.
-
-        Returns
-        -------
-        Tensor of shape (B, T, D)
-        """
-        if keep is not None:
-            brain = torch.where(keep[:, None, None], brain, self.null_brain.to(brain.dtype))
-        tokens = torch.cat(
-            [self.brain_in(brain), self.time_embed(t)[:, None, :], self.image_in(noisy)], dim=1
-        )  # (B, 2T+1, P)
-        x = tokens + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
-        x = self.head(self.norm(x[:, -self.config.n_tokens :]))  # (B, T, P)
-        return self.image_out(x)
-
-    def add_noise(self, clean: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """``sqrt(a_t) * clean + sqrt(1 - a_t) * noise`` for (B, T, D) tokens and (B,) steps."""
-        a = self.alphas_cumprod[t].to(clean.dtype)[:, None, None]
-        return a.sqrt() * clean + (1 - a).sqrt() * noise
-
-    def draw_training_noise(
-        self, batch_size: int, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Random timesteps, Gaussian noise and condition-keep mask for one batch (on CPU).
-
-        Returns
-        -------
-        t : Tensor of shape (B,), int64
-        noise : Tensor of shape (B, T, D), float32
-        keep : Tensor of shape (B,), bool
-            True with probability ``1 - prior_cond_drop``.
-        """
-        c = self.config
-        t = torch.randint(0, c.prior_timesteps, (batch_size,), generator=generator)
-        noise = torch.randn(batch_size, c.n_tokens, c.token_dim, generator=generator)
-        keep = torch.rand(batch_size, generator=generator) >= c.prior_cond_drop
-        return t, noise, keep
-
-    @torch.no_grad()
-    def sample(
-        self,
-        brain: torch.Tensor,
-        n_steps: int | None = None,
-        eta: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Draw image tokens given brain tokens with DDIM over a subset of the timesteps.
-
-        Parameters
-        ----------
-        brain : Tensor of shape (B, T, D)
-            Backbone tokens.
-        n_steps : int, optional
-            Denoising steps (default ``prior_sample_steps``), at most ``prior_timesteps``.
-        eta : float, optional
-            0: deterministic DDIM; 1: as much fresh noise as DDPM (default ``prior_sample_eta``).
-        generator : torch.Generator, optional
-            On the device of ``brain``, for reproducible draws.
-
-        Returns
-        -------
-        Tensor of shape (B, T, D)
-            Predicted clean image tokens.
-        """
-        c = self.config
-        n_steps = c.prior_sample_steps if n_steps is None else n_steps
-        eta = c.prior_sample_eta if eta is None else eta
-        if not 1 <= n_steps <= c.prior_timesteps:
-            raise ConfigError(
-                f"prior sampling: n_steps: expected 1..{c.prior_timesteps} (got {n_steps})"
-            )
-        timesteps = torch.linspace(c.prior_timesteps - 1, 0, n_steps).round().long().tolist()
-        B = brain.shape[0]
-        x = torch.randn(brain.shape, generator=generator, device=brain.device, dtype=brain.dtype)
-        abar = self.alphas_cumprod
-        for i, t in enumerate(timesteps):
-            a_t = abar[t]
-            a_prev = abar[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.ones_like(a_t)
-            t_batch = torch.full((B,), t, dtype=torch.long, device=brain.device)
-            x0 = self.denoise(x, t_batch, brain)
-            eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
-            sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
-            x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
-            if float(sigma) > 0:
-                x = x + sigma * torch.randn(
-                    x.shape, generator=generator, device=x.device, dtype=x.dtype
-                )
-        return x
+        maps = self.norm(self.dropout(self.linear(x)).view(B, LOWLEVEL_CHANNELS, LOWLEVEL_GRID, LOWLEVEL_GRID))
+        if self.decoder is not None:
+            return self.decoder(maps)  # (B, C, S, S)
+        return self.out(self.upsampler(maps))
 
 
 class MindEye2(nn.Module):
@@ -348,11 +185,14 @@ class MindEye2(nn.Module):
         self.token_proj = nn.Linear(H, T * D)
         self.retrieval_head = nn.Sequential(*(RetrievalHeadLayer(D) for _ in range(config.clip_head_layers)))
         self.lowlevel_head = (
-            LowLevelHead(H, config.lowlevel_channels, config.lowlevel_upsamples, dropout=0.3)
+            LowLevelHead(
+                H, config.lowlevel_channels, config.lowlevel_upsamples, dropout=0.3, decoder=config.lowlevel_decoder
+            )
             if config.lowlevel
             else None
         )
-        self.prior = DiffusionPrior(config) if config.use_prior else None
+        prior_class = DALLE2Prior if config.prior_network == "dalle2" else DiffusionPrior
+        self.prior = prior_class(config) if config.use_prior else None
 
     @property
     def subjects(self) -> dict[str, int]:
