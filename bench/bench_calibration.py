@@ -18,6 +18,11 @@ is the shared images (``experiment.n_test_images`` x ``test_repeats``) of every 
 averaged, never trained on. Pretraining subjects come from direct simulation (``phantom generate
 --level betas``), as MindEye2 pretrains on released betas.
 
+``--seeds N`` calibrates (a) and (b) N times, with ``training.seed`` = seed, seed+1, ... (the
+new adapter's initial weights, the shuffling, mixup and dropout draws), and reports the means
+with each seed's figures in the JSON: one calibration is a single draw, and its figures move by
+a few points from seed to seed.
+
 Also measured: pretraining seconds per epoch, calibration seconds (betas, training) and the peak
 resident memory of the process (``resource.getrusage``). Prints a table and writes
 ``bench/results/calibration.json``. Sizes can be reduced for a quick run (``--runs``,
@@ -25,7 +30,7 @@ resident memory of the process (``resource.getrusage``). Prints a table and writ
 
 Run from the repository root::
 
-    python bench/bench_calibration.py                   # the phantom preset as configured
+    python bench/bench_calibration.py --seeds 3         # the phantom preset as configured, 3 seeds
     python bench/bench_calibration.py --runs 4 --pretrain-sessions 0 --epochs 10 --hidden-dim 128 \
         --no-prior --pretrain-batch-size 42
 """
@@ -69,6 +74,8 @@ def main() -> None:
     parser.add_argument("--hidden-dim", type=int, help="override model.hidden_dim")
     parser.add_argument("--no-prior", action="store_true", help="model.use_prior: false (retrieval needs no prior)")
     parser.add_argument("--pretrain-batch-size", type=int, help="training.batch_size for pretraining only")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="calibrate (a) and (b) with this many training seeds (seed, seed+1, ...); means reported")
     parser.add_argument("--out", default="bench/results/calibration.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -116,16 +123,18 @@ def main() -> None:
 
     test_z, test_tokens = test_set(sessions, tokens)
     results = {}
-    started = time.perf_counter()
-    report_a = calibrate(config, session_dirs[0], work / "bundle-a", sid, mask, pretrained_dir=model_dir,
-                         session=session, bank_tokens=tokens, embedding_name="phantom")
-    seconds["calibration_training_a"] = time.perf_counter() - started
-    results["a_pretrained_1_session"] = _evaluate_bundle(work / "bundle-a", sid, test_z, test_tokens, report_a)
-    started = time.perf_counter()
-    report_b = calibrate(config, session_dirs[0], work / "bundle-b", sid, mask, pretrained_dir=None,
-                         session=session, bank_tokens=tokens, embedding_name="phantom")
-    seconds["calibration_training_b"] = time.perf_counter() - started
-    results["b_scratch_1_session"] = _evaluate_bundle(work / "bundle-b", sid, test_z, test_tokens, report_b)
+    seeds = [config.training.seed + k for k in range(args.seeds)]
+    for name, pretrained in (("a_pretrained_1_session", model_dir), ("b_scratch_1_session", None)):
+        per_seed = []
+        for seed in seeds:
+            seeded = config.model_copy(update={"training": config.training.model_copy(update={"seed": seed})})
+            bundle_dir = work / f"bundle-{name[0]}" if seed == seeds[0] else work / f"bundle-{name[0]}-seed{seed}"
+            started = time.perf_counter()
+            report = calibrate(seeded, session_dirs[0], bundle_dir, sid, mask, pretrained_dir=pretrained,
+                               session=session, bank_tokens=tokens, embedding_name="phantom")
+            seconds[f"calibration_training_{name[0]}_seed{seed}"] = time.perf_counter() - started
+            per_seed.append(_evaluate_bundle(bundle_dir, sid, test_z, test_tokens, report) | {"seed": seed})
+        results[name] = _mean_over_seeds(per_seed)
     started = time.perf_counter()
     results["c_ridge_1_session"] = _ridge(session, tokens, test_z, test_tokens)
     seconds["ridge"] = time.perf_counter() - started
@@ -139,7 +148,8 @@ def main() -> None:
         "overrides": overrides,
         "calibration_runs": len(runs),
         "pretrain_and_d_runs_per_session": len(runs_arg) if runs_arg else exp.runs_per_session,
-        "calibration_train_trials": report_a.n_train_trials,
+        "calibration_train_trials": report.n_train_trials,
+        "seeds": seeds,
         "pretrain": record,
         "n_test_images": int(len(test_z)),
         "results": results,
@@ -211,6 +221,13 @@ def _evaluate_bundle(bundle_dir: Path, sid: str, test_z, test_tokens, report) ->
     return result
 
 
+def _mean_over_seeds(per_seed: list[dict]) -> dict:
+    """Mean image and brain top-1 over calibrations that differ only in ``training.seed``."""
+    result = {key: round(float(np.mean([r[key] for r in per_seed])), 4) for key in ("image_top1", "brain_top1")}
+    result.update(pool_size=per_seed[0]["pool_size"], per_seed=per_seed)
+    return result
+
+
 def _ridge(session, tokens: np.ndarray, test_z: np.ndarray, test_tokens: np.ndarray) -> dict:
     from sklearn.linear_model import RidgeCV
 
@@ -250,8 +267,12 @@ def _print_table(payload: dict) -> None:
           f"calibration: {payload['calibration_runs']} runs, {payload['calibration_train_trials']} training trials")
     print(f"{'setting':<30} {'image top-1':>12} {'brain top-1':>12} {'pool':>6}")
     for name, result in payload["results"].items():
+        spread = ""
+        if len(result.get("per_seed", [])) > 1:
+            spread = "  seeds: " + ", ".join(f"{100 * r['image_top1']:.1f}/{100 * r['brain_top1']:.1f}"
+                                             for r in result["per_seed"])
         print(f"{name:<30} {100 * result['image_top1']:>11.1f}% {100 * result['brain_top1']:>11.1f}% "
-              f"{result['pool_size']:>6}")
+              f"{result['pool_size']:>6}{spread}")
     pre = payload["pretrain"]
     print(f"pretraining: {pre['train_s_per_epoch']} s/epoch ({pre['epochs']} epochs, {sum(pre['n_trials'].values())} "
           f"trials of {len(pre['subjects'])} subjects)")

@@ -29,6 +29,8 @@ released sampler's step grid (``prior_ddim_schedule: dalle2``, 20 grid points, e
 schedule and rotary frequencies are checked against ours. The low-level head (``blin1``,
 ``bnorm``, ``bupsampler``) becomes a :class:`~rtdecoder.decode.model.LowLevelHead` with the
 diffusers VAE decoder (``lowlevel_decoder: vae``); it predicts an SD-VAE latent scaled by 0.18215.
+``blin1`` reads the same shifted hidden features as ``backbone_linear``, so the constant is folded
+into its bias too.
 Left out, and reported in :class:`ImportReport`: ``b_maps_projector``, which only serves the
 training loss against ConvNeXt features, and ``mixer_blocks1``, whose output the released forward
 discards. Key maps are checked by ``tests/test_import_mindeye2.py`` against outputs of the

@@ -315,7 +315,11 @@ def finetune(
     if not keep_other_subjects:
         for subject_id in list(model.adapters):
             model.remove_subject(subject_id)
-    model.add_subject(dataset.subject_id, dataset.betas.shape[1])
+    # The fresh adapter's initial weights come from the recipe's seed, not from whatever the
+    # process drew before: the same session and recipe give the same calibration.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model.add_subject(dataset.subject_id, dataset.betas.shape[1])
     train_kwargs.setdefault("shared_lr_scale", config.finetune_shared_lr_scale)
     result = train(model, {dataset.subject_id: dataset}, config, out_dir, **train_kwargs)
     return model, result

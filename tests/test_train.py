@@ -122,6 +122,17 @@ def test_finetune_adds_fresh_adapter_for_new_voxel_count(tmp_path):
     assert MindEye2.from_pretrained(result.model_dir).subjects == {"s9": 20}
 
 
+def test_finetune_is_reproducible_whatever_ran_before(tmp_path):
+    pretrained = tiny_model()
+    pretrained.save_pretrained(tmp_path / "pretrained")
+    ds = datasets()["s2"]
+    first, _ = finetune(tmp_path / "pretrained", ds, recipe(epochs=2), tmp_path / "a", progress=False)
+    torch.randn(1000)  # the process's global generator moves on between calibrations
+    second, _ = finetune(tmp_path / "pretrained", ds, recipe(epochs=2), tmp_path / "b", progress=False)
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[key]), key
+
+
 def test_finetune_shared_lr_scale_slows_only_the_pretrained_weights(tmp_path):
     pretrained = tiny_model(dropout=0.0)
     train(pretrained, datasets(), recipe(epochs=1), tmp_path / "pre", progress=False)
