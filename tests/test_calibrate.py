@@ -57,6 +57,11 @@ def session(tmp_path_factory):
     config = small_config()
     world = tiny_world(config)
     root = tmp_path_factory.mktemp("session")
+    return config, world, root, write_two_runs(world, root)
+
+
+def write_two_runs(world, root):
+    """Runs 1 and 2 of subject 1's session 0 under ``root``; returns the simulated runs."""
     truth = []
     for run in range(2):
         simulated = world.simulate_run(1, 0, run)
@@ -67,7 +72,7 @@ def session(tmp_path_factory):
         )
         write_events_tsv(simulated.trials, run_dir / "events.tsv")
         truth.append(simulated)
-    return config, world, root, truth
+    return truth
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_calibrate import small_config, tiny_world
+from test_calibrate import small_config, tiny_world, write_two_runs
 
 from calibration.betas import (
     FRACTIONS_NAME,
@@ -13,24 +13,14 @@ from calibration.betas import (
     load_fracridge_fractions,
     save_betas,
 )
-from rtdecoder.glm.events import write_events_tsv
-from rtdecoder.phantom.scanner import volumes_from_array, write_run
 
 
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
     """Two runs of phantom subject 1, one NIfTI per volume; training images repeat across them."""
-    config = small_config()
-    world = tiny_world(config)
+    world = tiny_world(small_config())
     root = tmp_path_factory.mktemp("session")
-    for run in range(2):
-        simulated = world.simulate_run(1, 0, run)
-        run_dir = root / f"run-{run + 1:02d}"
-        write_run(
-            volumes_from_array(simulated.volumes, simulated.affine, simulated.tr_s, simulated.slice_times_s),
-            run_dir, format="nifti", speed=1e6, sleep=lambda _s: None, partial_write=False,
-        )
-        write_events_tsv(simulated.trials, run_dir / "events.tsv")
+    write_two_runs(world, root)
     return world, root
 
 

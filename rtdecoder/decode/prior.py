@@ -10,8 +10,8 @@ Two networks share the schedule and the sampler here:
 - :class:`~rtdecoder.decode.prior_dalle2.DALLE2Prior` (``model.prior_network: dalle2``): the
   released MindEye2 network, so that its weights can be imported and reproduced.
 
-Both provide ``denoise``, ``add_noise``, ``draw_training_noise``, ``sample`` and an
-``alphas_cumprod`` buffer; training and the engines use only these.
+Both derive from :class:`PriorBase` (``add_noise``, ``draw_training_noise``, ``sample``) and
+define ``denoise``; training and the engines use only these and the ``alphas_cumprod`` buffer.
 """
 
 from __future__ import annotations
@@ -170,30 +170,76 @@ def ddim_sample(
     return x
 
 
-def add_noise(
-    alphas_cumprod: torch.Tensor, clean: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
-) -> torch.Tensor:
-    """``sqrt(a_t) * clean + sqrt(1 - a_t) * noise`` for (B, T, D) tokens and (B,) timesteps."""
-    a = alphas_cumprod[t].to(clean.dtype)[:, None, None]
-    return a.sqrt() * clean + (1 - a).sqrt() * noise
+class PriorBase(nn.Module):
+    """What every prior network shares: the forward noising, training draws and DDIM sampling.
 
-
-def draw_training_noise(
-    config: ModelConfig, batch_size: int, generator: torch.Generator | None, n_keep_masks: int
-) -> tuple[torch.Tensor, ...]:
-    """Random timesteps, Gaussian noise and condition-keep masks for one batch (on CPU).
-
-    Returns
-    -------
-    t : Tensor of shape (B,), int64
-    noise : Tensor of shape (B, T, D), float32
-    *keep : ``n_keep_masks`` Tensors of shape (B,), bool
-        Each True with probability ``1 - prior_cond_drop``; passed on to the prior's ``denoise``.
+    A subclass sets ``self.config`` (a :class:`~rtdecoder.config.ModelConfig`) and an
+    ``alphas_cumprod`` buffer, and defines ``denoise(noisy, t, brain, *keep_masks)``;
+    ``n_keep_masks`` is how many condition-dropout masks that ``denoise`` takes.
     """
-    t = torch.randint(0, config.prior_timesteps, (batch_size,), generator=generator)
-    noise = torch.randn(batch_size, config.n_tokens, config.token_dim, generator=generator)
-    keeps = [torch.rand(batch_size, generator=generator) >= config.prior_cond_drop for _ in range(n_keep_masks)]
-    return t, noise, *keeps
+
+    n_keep_masks = 1
+    config: ModelConfig
+    alphas_cumprod: torch.Tensor
+
+    def add_noise(self, clean: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """``sqrt(a_t) * clean + sqrt(1 - a_t) * noise`` for (B, T, D) tokens and (B,) timesteps."""
+        a = self.alphas_cumprod[t].to(clean.dtype)[:, None, None]
+        return a.sqrt() * clean + (1 - a).sqrt() * noise
+
+    def draw_training_noise(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """Random timesteps, Gaussian noise and condition-keep masks for one batch (on CPU).
+
+        Returns
+        -------
+        t : Tensor of shape (B,), int64
+        noise : Tensor of shape (B, T, D), float32
+        *keep : ``n_keep_masks`` Tensors of shape (B,), bool
+            Each True with probability ``1 - prior_cond_drop``; passed on to :meth:`denoise`.
+        """
+        c = self.config
+        t = torch.randint(0, c.prior_timesteps, (batch_size,), generator=generator)
+        noise = torch.randn(batch_size, c.n_tokens, c.token_dim, generator=generator)
+        keeps = [torch.rand(batch_size, generator=generator) >= c.prior_cond_drop for _ in range(self.n_keep_masks)]
+        return t, noise, *keeps
+
+    @torch.no_grad()
+    def sample(
+        self,
+        brain: torch.Tensor,
+        n_steps: int | None = None,
+        eta: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Draw image tokens given brain tokens with DDIM (see :func:`ddim_plan`).
+
+        Parameters
+        ----------
+        brain : Tensor of shape (B, T, D)
+            Backbone tokens.
+        n_steps : int, optional
+            Default ``prior_sample_steps``; its meaning follows ``prior_ddim_schedule``.
+        eta : float, optional
+            0: deterministic DDIM; 1: as much fresh noise as DDPM (default ``prior_sample_eta``).
+        generator : torch.Generator, optional
+            On the device of ``brain``, for reproducible draws; default: torch's global one.
+
+        Returns
+        -------
+        Tensor of shape (B, T, D)
+            Predicted clean image tokens.
+        """
+        c = self.config
+        n_steps = c.prior_sample_steps if n_steps is None else n_steps
+        eta = c.prior_sample_eta if eta is None else eta
+        plan = ddim_plan(self.alphas_cumprod, n_steps, c.prior_ddim_schedule, eta)
+
+        def noise(shape: torch.Size) -> torch.Tensor:
+            return torch.randn(shape, generator=generator, device=brain.device, dtype=brain.dtype)
+
+        return ddim_sample(self.denoise, brain, plan, eta, noise)
 
 
 class PriorBlock(nn.Module):
@@ -220,7 +266,7 @@ class PriorBlock(nn.Module):
         return x + self.ff_out(F.silu(gate) * value)
 
 
-class DiffusionPrior(nn.Module):
+class DiffusionPrior(PriorBase):
     """Maps backbone tokens to image tokens by denoising, DALL-E 2 style, predicting x0.
 
     The transformer sees ``T`` brain tokens, one time token and ``T`` noisy image tokens, all in
@@ -279,60 +325,3 @@ class DiffusionPrior(nn.Module):
             x = block(x)
         x = self.head(self.norm(x[:, -self.config.n_tokens :]))  # (B, T, P)
         return self.image_out(x)
-
-    def add_noise(self, clean: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """``sqrt(a_t) * clean + sqrt(1 - a_t) * noise`` for (B, T, D) tokens and (B,) steps."""
-        return add_noise(self.alphas_cumprod, clean, t, noise)
-
-    def draw_training_noise(
-        self, batch_size: int, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, ...]:
-        """Timesteps, noise and the brain-keep mask of one batch; see :func:`draw_training_noise`."""
-        return draw_training_noise(self.config, batch_size, generator, n_keep_masks=1)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        brain: torch.Tensor,
-        n_steps: int | None = None,
-        eta: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Draw image tokens given brain tokens with DDIM (see :func:`ddim_plan`).
-
-        Parameters
-        ----------
-        brain : Tensor of shape (B, T, D)
-            Backbone tokens.
-        n_steps : int, optional
-            Default ``prior_sample_steps``; its meaning follows ``prior_ddim_schedule``.
-        eta : float, optional
-            0: deterministic DDIM; 1: as much fresh noise as DDPM (default ``prior_sample_eta``).
-        generator : torch.Generator, optional
-            On the device of ``brain``, for reproducible draws; default: torch's global one.
-
-        Returns
-        -------
-        Tensor of shape (B, T, D)
-            Predicted clean image tokens.
-        """
-        return sample_with(self, brain, n_steps, eta, generator)
-
-
-def sample_with(
-    prior: nn.Module,
-    brain: torch.Tensor,
-    n_steps: int | None,
-    eta: float | None,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """``prior.sample``: DDIM with the prior's own config, schedule and denoiser."""
-    c = prior.config
-    n_steps = c.prior_sample_steps if n_steps is None else n_steps
-    eta = c.prior_sample_eta if eta is None else eta
-    plan = ddim_plan(prior.alphas_cumprod, n_steps, c.prior_ddim_schedule, eta)
-
-    def noise(shape: torch.Size) -> torch.Tensor:
-        return torch.randn(shape, generator=generator, device=brain.device, dtype=brain.dtype)
-
-    return ddim_sample(prior.denoise, brain, plan, eta, noise)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtdecoder.config import ModelConfig
-from rtdecoder.decode.prior import add_noise, cosine_alphas_cumprod, draw_training_noise, sample_with
+from rtdecoder.decode.prior import PriorBase, cosine_alphas_cumprod
 
 ROTARY_MAX_DIM = 32
 ROTARY_THETA = 10000.0
@@ -122,7 +122,7 @@ def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat([head * cos.to(t.dtype) + turned * sin.to(t.dtype), rest], dim=-1)
 
 
-class DALLE2Prior(nn.Module):
+class DALLE2Prior(PriorBase):
     """The released MindEye2 diffusion prior; same interface as :class:`~rtdecoder.decode.prior.DiffusionPrior`.
 
     Parameters
@@ -131,6 +131,8 @@ class DALLE2Prior(nn.Module):
         ``prior_dim`` (= ``token_dim``), ``prior_depth``, ``prior_heads``, ``prior_dim_head``,
         ``prior_ff_mult``, ``prior_timesteps``, ``prior_cond_drop``, sampling settings.
     """
+
+    n_keep_masks = 2  # the reference drops brain and image tokens, each at prior_cond_drop
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -202,24 +204,3 @@ class DALLE2Prior(nn.Module):
         for block in self.blocks:
             x = block(x, self.rotary_cos, self.rotary_sin, bias)
         return self.project_out(self.norm(x))[:, -self.config.n_tokens :]
-
-    def add_noise(self, clean: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """``sqrt(a_t) * clean + sqrt(1 - a_t) * noise`` for (B, T, D) tokens and (B,) steps."""
-        return add_noise(self.alphas_cumprod, clean, t, noise)
-
-    def draw_training_noise(
-        self, batch_size: int, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, ...]:
-        """Timesteps, noise, and the brain- and image-keep masks, as the reference drops both."""
-        return draw_training_noise(self.config, batch_size, generator, n_keep_masks=2)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        brain: torch.Tensor,
-        n_steps: int | None = None,
-        eta: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Draw image tokens given (B, T, D) brain tokens; see :meth:`DiffusionPrior.sample`."""
-        return sample_with(self, brain, n_steps, eta, generator)
