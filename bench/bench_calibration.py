@@ -133,7 +133,7 @@ def main() -> None:
             report = calibrate(seeded, session_dirs[0], bundle_dir, sid, mask, pretrained_dir=pretrained,
                                session=session, bank_tokens=tokens, embedding_name="phantom")
             seconds[f"calibration_training_{name[0]}_seed{seed}"] = time.perf_counter() - started
-            per_seed.append(_evaluate_bundle(bundle_dir, sid, test_z, test_tokens, report) | {"seed": seed})
+            per_seed.append(evaluate_bundle(bundle_dir, sid, test_z, test_tokens, report) | {"seed": seed})
         results[name] = _mean_over_seeds(per_seed)
     started = time.perf_counter()
     results["c_ridge_1_session"] = _ridge(session, tokens, test_z, test_tokens)
@@ -211,7 +211,8 @@ def test_set(sessions: list, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return mean_z, np.asarray(tokens[images], dtype=np.float32)
 
 
-def _evaluate_bundle(bundle_dir: Path, sid: str, test_z, test_tokens, report) -> dict:
+def evaluate_bundle(bundle_dir: Path, sid: str, test_z, test_tokens, report) -> dict:
+    """Retrieval of a saved bundle on the averaged test betas, with its in-session evaluation."""
     from calibration.bundle import SubjectBundle
 
     model = SubjectBundle.load(bundle_dir).load_model()

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_calibration import HELD_OUT, held_out_session_dirs, test_set
+from bench_calibration import HELD_OUT, evaluate_bundle, held_out_session_dirs, test_set
 
 from calibration.betas import estimate_session_betas
 from calibration.calibrate import (
@@ -86,10 +86,7 @@ def dev_subject(config: RTDecoderConfig, world: PhantomWorld, work: Path, scales
         report = calibrate(with_scale(config, scale), session_dirs[0], bundle_dir, sid, mask, pretrained_dir=model_dir,
                            session=sessions[0], bank_tokens=world.embedding.tokens, embedding_name="phantom",
                            progress=False)
-        from calibration.bundle import SubjectBundle
-
-        model = SubjectBundle.load(bundle_dir).load_model()
-        scores = retrieval_evaluation(predict_clip_tokens(model, sid, test_z), test_tokens)
+        scores = evaluate_bundle(bundle_dir, sid, test_z, test_tokens, report)
         scores.update(scale=scale, seconds=round(time.perf_counter() - started, 1),
                       n_train_trials=report.n_train_trials)
         results.append(scores)

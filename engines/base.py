@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from rtdecoder.decode.prior import ddim_plan, ddim_sample
-from rtdecoder.errors import ConfigError, DecoderError
+from rtdecoder.errors import ConfigError
 
 ENCODER_INPUTS = ("betas",)
 ENCODER_OUTPUTS = ("backbone_tokens", "clip_tokens", "lowlevel")
@@ -140,10 +140,7 @@ def sample_prior(
     """
     device = engine.device
     abar = engine.alphas_cumprod.to(device)
-    try:
-        plan = ddim_plan(abar, n_steps, engine.ddim_schedule, eta)
-    except ConfigError as err:
-        raise DecoderError(str(err)) from None
+    plan = ddim_plan(abar, n_steps, engine.ddim_schedule, eta)  # a ConfigError is a DecoderError
     generator = torch.Generator().manual_seed(seed)
 
     def noise(shape: torch.Size) -> torch.Tensor:

@@ -177,22 +177,10 @@ class DALLE2Prior(PriorBase):
         keep: torch.Tensor | None = None,
         keep_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Predict clean image tokens.
+        """Predict clean (B, T, D) image tokens, as :meth:`rtdecoder.decode.prior.DiffusionPrior.denoise`.
 
-        Parameters
-        ----------
-        noisy : Tensor of shape (B, T, D)
-            Image tokens at noise level ``t``.
-        t : Tensor of shape (B,), int64
-            Timestep index in ``[0, prior_timesteps)``.
-        brain : Tensor of shape (B, T, D)
-            Backbone tokens (the condition).
-        keep, keep_image : Tensor of shape (B,), bool, optional
-            False rows use the null brain / null image embedding. Default: keep all.
-
-        Returns
-        -------
-        Tensor of shape (B, T, D)
+        ``keep_image`` is the one addition: its False rows replace the noisy image tokens with the
+        null image embedding, as ``keep``'s False rows replace the brain tokens.
         """
         if keep is not None:
             brain = torch.where(keep[:, None, None], brain, self.null_brain.to(brain.dtype))
