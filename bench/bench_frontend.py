@@ -11,8 +11,15 @@ Per volume it reports, from the timestamps each volume carries (``Volume.times``
   pause inside its two-part write),
 - ``written -> complete``: the file's modification time (last byte written) to read complete,
 - ``complete -> processed``: read complete to betas updated (hand-off to the main thread,
-  ordering, motion correction, masking, normalisation and the GLM update): the target,
+  ordering, motion correction, masking, normalisation and the GLM update),
+- ``read``: the watcher's successful ``read_volume`` of the file (header, pixels, geometry),
+- ``complete on disk -> processed (read included)``: from the start of the read that found the
+  file complete to betas updated, i.e. read + hand-off + processing: the target,
 - ``process``: the ``FrontEnd.process`` call alone.
+
+The same live pass is repeated for each of ``--read-formats`` (MOSAIC, XA enhanced and NIfTI by
+default) on the same run, so the read-included latency is reported for every export format; each
+format's files are also re-read one after another (``read, sequential``).
 
 A second, sequential pass over the same files times each stage (read, motion estimate, mask
 resample, normalise, GLM update) to show which dominates. Then, for the ratio, the same run is
@@ -24,8 +31,8 @@ produced, as a 4D image cropped to the mask's bounding box (building it is not t
 
 Run::
 
-    python bench/bench_frontend.py [--format mosaic] [--speed 10] [--quick] \
-        [--out bench/results/frontend.json]
+    python bench/bench_frontend.py [--format mosaic] [--read-formats mosaic,enhanced,nifti] \
+        [--speed 10] [--quick] [--out bench/results/frontend.json]
 
 Prints a table (median, p95, p99, max in ms per stage) with the load average and writes the same
 figures as JSON. The phantom world's 64-image stimulus bank is embedded once (EfficientNet-Lite0)
@@ -44,6 +51,8 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +66,7 @@ from rtdecoder.config import RTDecoderConfig, load_config  # noqa: E402
 from rtdecoder.errors import ConfigError  # noqa: E402
 from rtdecoder.glm.hrf import hrf_library, hrf_time_to_peak_s  # noqa: E402
 from rtdecoder.glm.incremental import IncrementalGLM  # noqa: E402
+from rtdecoder.ingest import watcher as watcher_module  # noqa: E402
 from rtdecoder.ingest.ordering import MissingVolume, VolumeOrderer  # noqa: E402
 from rtdecoder.ingest.readers import read_volume  # noqa: E402
 from rtdecoder.ingest.volume import Volume  # noqa: E402
@@ -91,6 +101,46 @@ class LiveRun:
     n_betas: int = 0
     final_betas: np.ndarray | None = None
     files: list[Path] = field(default_factory=list)
+
+
+class TimedReads:
+    """``read_volume`` that notes when each successful read started (epoch s) and its duration (ms).
+
+    Keyed by (file, volume index), so a growing 4D NIfTI's volumes are told apart.
+    """
+
+    def __init__(self) -> None:
+        self.started_s: dict[tuple[Path, int], float] = {}
+        self.read_ms: dict[tuple[Path, int], float] = {}
+
+    def __call__(self, path: Path, index_hint: int | None = None) -> Volume:
+        started_s, start = time.time(), time.perf_counter()
+        volume = read_volume(path, index_hint)
+        key = (Path(path), volume.index)
+        self.read_ms[key] = 1e3 * (time.perf_counter() - start)
+        self.started_s[key] = started_s
+        return volume
+
+
+@contextmanager
+def watcher_reads_with(reads: TimedReads) -> Iterator[None]:
+    """Make the watchers started inside the block read files through ``reads``.
+
+    :class:`FolderWatcher` builds its :class:`VolumeCollector` itself and takes no reader, so the
+    collector class it looks up is swapped for one whose default reader is ``reads``.
+    """
+    original = watcher_module.VolumeCollector
+
+    class TimedCollector(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs) -> None:
+            kwargs.setdefault("read", reads)
+            super().__init__(*args, **kwargs)
+
+    watcher_module.VolumeCollector = TimedCollector
+    try:
+        yield
+    finally:
+        watcher_module.VolumeCollector = original
 
 
 def build_config(size: str, seed: int, cache_dir: str | None, fmt: str) -> RTDecoderConfig:
@@ -206,7 +256,8 @@ def live_run(config: RTDecoderConfig, frontend: FrontEnd, run: SimulatedRun, fol
     # The orderer's wait is in real seconds; the run is played ``speed`` times faster.
     orderer = VolumeOrderer(missing_wait_s=config.ingest.missing_volume_wait_s / speed)
     writer = threading.Thread(target=scanner, name="phantom-scanner", daemon=True)
-    with FolderWatcher.from_config(folder, config.ingest) as watcher:
+    reads = TimedReads()
+    with watcher_reads_with(reads), FolderWatcher.from_config(folder, config.ingest) as watcher:
         writer.start()
         n_done, quiet_since = 0, None
         while n_done < n_volumes:
@@ -226,7 +277,7 @@ def live_run(config: RTDecoderConfig, frontend: FrontEnd, run: SimulatedRun, fol
                 result.motion[item.index] = processed.motion.params if processed.motion else np.zeros(6)
                 result.n_betas += len(processed.betas)
                 result.files.append(item.source)
-                result.rows.append(_timing_row(item, taken_s, process_ms))
+                result.rows.append(_timing_row(item, taken_s, process_ms, reads))
             if writer.is_alive() or volume is not None:
                 quiet_since = None
             elif quiet_since is None:
@@ -245,8 +296,9 @@ def live_run(config: RTDecoderConfig, frontend: FrontEnd, run: SimulatedRun, fol
     return result
 
 
-def _timing_row(volume, taken_s: float, process_ms: float) -> dict:
+def _timing_row(volume, taken_s: float, process_ms: float, reads: TimedReads) -> dict:
     t = volume.times
+    key = (Path(volume.source), volume.index)
     return {
         "tr_index": volume.index,
         "seen_to_complete_ms": 1e3 * (t.complete_s - t.seen_s),
@@ -255,6 +307,8 @@ def _timing_row(volume, taken_s: float, process_ms: float) -> dict:
         "process_ms": process_ms,
         "complete_to_processed_ms": 1e3 * (t.processed_s - t.complete_s),
         "written_to_processed_ms": 1e3 * (t.processed_s - t.written_s),
+        "read_ms": reads.read_ms[key],
+        "complete_on_disk_to_processed_ms": 1e3 * (t.processed_s - reads.started_s[key]),
     }
 
 
@@ -342,6 +396,44 @@ def nilearn_refits(config: RTDecoderConfig, run: SimulatedRun, grid: ScannerGrid
     return times_ms
 
 
+LIVE_COLUMNS = ("seen_to_complete_ms", "written_to_complete_ms", "read_ms", "complete_to_taken_ms", "process_ms",
+                "complete_to_processed_ms", "complete_on_disk_to_processed_ms", "written_to_processed_ms")
+
+
+def sequential_reads_ms(files: list[Path]) -> list[float]:
+    """``read_volume`` of each file, one after another (no watcher, no processing), ms each."""
+    times_ms = []
+    for path in files:
+        start = time.perf_counter()
+        read_volume(path)
+        times_ms.append(1e3 * (time.perf_counter() - start))
+    return times_ms
+
+
+def read_included_stats(live: LiveRun, files: list[Path]) -> dict:
+    """One format's read and read-included latencies (median, p95, p99, max ms)."""
+    return {
+        "n_processed": len(live.rows),
+        "n_missing": live.n_missing,
+        "read_live": summarise([r["read_ms"] for r in live.rows]),
+        "read_sequential": summarise(sequential_reads_ms(files)),
+        "complete_to_processed": summarise([r["complete_to_processed_ms"] for r in live.rows]),
+        "complete_on_disk_to_processed": summarise([r["complete_on_disk_to_processed_ms"] for r in live.rows]),
+    }
+
+
+def format_pass(config: RTDecoderConfig, subject: PhantomSubject, run: SimulatedRun, folder: Path, fmt: str,
+                speed: float) -> dict:
+    """The live pass for one more export format, on the same run: read-included latencies."""
+    grid = scanner_grid(subject, run.tr_s, fmt, folder / "reference")
+    frontend = make_frontend(config, subject, run, grid)
+    export = folder / "export"
+    export.mkdir(parents=True)
+    live = live_run(config, frontend, run, export, fmt, speed)
+    files = [p for p in live.files if p is not None] if fmt != "nifti4d" else []
+    return read_included_stats(live, files)
+
+
 def summarise(values_ms: list[float]) -> dict:
     """Median, p95, p99 and max of a list of times in ms."""
     values = np.asarray(values_ms, dtype=float)
@@ -372,10 +464,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="nilearn refits at this many trial ends, spread over the run (default all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None, help="embedding cache folder (default: the config's)")
+    parser.add_argument("--read-formats", default="mosaic,enhanced,nifti",
+                        help="comma-separated formats whose live read-included latency is also measured "
+                             "(empty: only --format)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/frontend.json"))
     args = parser.parse_args(argv)
     if args.format not in EXPORT_FORMATS:
         raise ConfigError(f"--format: expected one of {', '.join(EXPORT_FORMATS)} (got {args.format!r})")
+    args.read_formats = [f.strip() for f in args.read_formats.split(",") if f.strip()]
+    for fmt in args.read_formats:
+        if fmt not in EXPORT_FORMATS:
+            raise ConfigError(f"--read-formats: expected formats among {', '.join(EXPORT_FORMATS)} (got {fmt!r})")
     if not args.speed > 0:
         raise ConfigError(f"--speed: expected a factor > 0 (got {args.speed})")
     if args.n_refits is not None and args.n_refits < 1:
@@ -408,14 +507,16 @@ def main(argv: list[str] | None = None) -> dict:
         # A growing 4D file holds every volume, so it cannot be re-read one volume per file.
         files = [p for p in live.files if p is not None] if args.format != "nifti4d" else []
         stages = stage_breakdown(config, subject, run, grid, files)
+        by_format = {args.format: read_included_stats(live, files)}
+        for fmt in args.read_formats:
+            if fmt not in by_format:
+                by_format[fmt] = format_pass(config, subject, run, Path(tmp) / fmt, fmt, args.speed)
     refit_ms = nilearn_refits(config, run, grid, live, args.n_refits)
     load_end = os.getloadavg()
 
-    columns = ("seen_to_complete_ms", "written_to_complete_ms", "complete_to_taken_ms", "process_ms",
-               "complete_to_processed_ms", "written_to_processed_ms")
-    live_stats = {c.removesuffix("_ms"): summarise([r[c] for r in live.rows]) for c in columns}
+    live_stats = {c.removesuffix("_ms"): summarise([r[c] for r in live.rows]) for c in LIVE_COLUMNS}
     stage_stats = {name: summarise(values) for name, values in stages.items()}
-    target = live_stats["complete_to_processed"]
+    target = live_stats["complete_on_disk_to_processed"]
     refit = summarise(refit_ms)
     per_volume_ms = target["median_ms"]
     payload = {
@@ -435,11 +536,13 @@ def main(argv: list[str] | None = None) -> dict:
                 "motion_correction": config.preprocess.motion_correction},
         "beta_true_correlation": beta_accuracy(live.final_betas, run.true_betas[:, grid.order]),
         "live": live_stats,
+        "read_included_by_format": by_format,
         "stages_sequential": stage_stats,
         "nilearn_refit": refit,
         "refit_over_per_volume": (refit["median_ms"] / per_volume_ms
                                   if refit["median_ms"] and per_volume_ms else None),
-        "target": {"median_ms": TARGET_MEDIAN_MS, "p99_ms": TARGET_P99_MS,
+        "target": {"measured": "complete_on_disk_to_processed (read included)",
+                   "median_ms": TARGET_MEDIAN_MS, "p99_ms": TARGET_P99_MS,
                    "met": bool(target["median_ms"] <= TARGET_MEDIAN_MS and target["p99_ms"] <= TARGET_P99_MS)},
         "simulate_s": simulate_s,
         "load_average_start": list(load_start),
@@ -463,19 +566,29 @@ def print_table(payload: dict) -> None:
           f"{payload['n_trials']} trials, {payload['n_volumes']} volumes ({payload['n_processed']} "
           f"processed, {payload['n_missing']} missing), {payload['format']} at {payload['speed']:g}x, "
           f"GLM {payload['glm']['method']}/{payload['glm']['hrf']}")
-    print(f"{'stage':34} {'n':>4} {'median':>8} {'p95':>8} {'p99':>8} {'max':>8}")
+    print(f"{'stage':40} {'n':>4} {'median':>8} {'p95':>8} {'p99':>8} {'max':>8}")
     sections = [("live", payload["live"]), ("sequential", payload["stages_sequential"]),
                 ("nilearn", {"refit (fit + contrast)": payload["nilearn_refit"]})]
     for section, stats in sections:
         for name, s in stats.items():
             if s["n"] == 0:
                 continue
-            print(f"{section + ': ' + name:34} {s['n']:>4} {s['median_ms']:>8.2f} {s['p95_ms']:>8.2f} "
+            print(f"{section + ': ' + name:40} {s['n']:>4} {s['median_ms']:>8.2f} {s['p95_ms']:>8.2f} "
                   f"{s['p99_ms']:>8.2f} {s['max_ms']:>8.2f}")
+    print("file complete on disk -> betas (read included), by export format:")
+    print(f"{'format':10} {'n':>4} {'read median':>12} {'read p95':>9} {'seq. read':>10} "
+          f"{'total median':>13} {'total p95':>10} {'total p99':>10}")
+    for fmt, stats in payload["read_included_by_format"].items():
+        read, sequential, total = stats["read_live"], stats["read_sequential"], stats["complete_on_disk_to_processed"]
+        if total["n"] == 0:
+            continue
+        sequential_text = f"{sequential['median_ms']:>10.2f}" if sequential["n"] else f"{'-':>10}"
+        print(f"{fmt:10} {total['n']:>4} {read['median_ms']:>12.2f} {read['p95_ms']:>9.2f} {sequential_text} "
+              f"{total['median_ms']:>13.2f} {total['p95_ms']:>10.2f} {total['p99_ms']:>10.2f}")
     target = payload["target"]
     ratio = payload["refit_over_per_volume"]
-    print(f"target complete->processed: median <= {target['median_ms']:g} ms, p99 <= {target['p99_ms']:g} ms: "
-          f"{'met' if target['met'] else 'NOT met'}")
+    print(f"target complete on disk->processed (read included): median <= {target['median_ms']:g} ms, "
+          f"p99 <= {target['p99_ms']:g} ms: {'met' if target['met'] else 'NOT met'}")
     if ratio is not None:
         print(f"nilearn refit median / front-end median: {ratio:.0f}x")
     print(f"final beta vs true beta correlation: {payload['beta_true_correlation']:.3f}")

@@ -1,23 +1,38 @@
 """Offline single-trial betas of a calibration session, computed exactly as the live front end does.
 
-Input: a session folder of runs as the scanner wrote them. Each run is a sub-folder holding its
-volume files (Siemens MOSAIC or enhanced DICOM, or one NIfTI per volume; a single 4D NIfTI also
-works but is re-read per volume) and an ``events.tsv`` (``onset``, ``duration``, and for
-calibration ``stim_id`` or ``stim_index`` and ``is_test``; see
-:func:`rtdecoder.glm.events.read_events_tsv`). Runs are taken in name order; a session folder
-that holds an ``events.tsv`` itself is one run.
+Input (:func:`find_runs`), one session in either of two layouts:
+
+- Run folders, as the scanner wrote them: each run is a sub-folder holding its volume files
+  (Siemens MOSAIC or enhanced DICOM, or one NIfTI per volume; a single 4D NIfTI also works but is
+  re-read per volume) and an ``events.tsv``. Runs are taken in name order; a session folder that
+  holds an ``events.tsv`` itself is one run.
+- A BIDS session (:mod:`calibration.bids`): the ``ses-XX`` folder, its ``func/`` folder, or a
+  ``sub-XX`` folder with one session. Each run is a 4D ``*_bold.nii.gz`` (with its
+  ``_bold.json`` sidecar) or a folder of volumes named like the run, with the run's
+  ``*_events.tsv`` beside it; runs are ordered by the ``run`` entity, numerically; a session of
+  several tasks, acquisitions or echoes needs ``select`` (e.g. ``{"task": "nsd"}``). File names
+  are parsed by hand, not with pybids or bidsschematools (the reasons are in
+  :mod:`calibration.bids`).
+
+Events files need ``onset`` and ``duration``, and for calibration ``stim_id`` (or BIDS's
+``stim_file``, whose stem is taken as the stim_id) or ``stim_index``, and ``is_test``; see
+:func:`rtdecoder.glm.events.read_events_tsv`.
 
 Steps (:func:`estimate_session_betas`), each the one the live session uses so that live betas are
 in the units of calibration betas:
 
-1. Motion reference: the middle volume of the first run (read with
-   :func:`rtdecoder.ingest.readers.read_volume`). It is saved in the bundle and the live
-   :class:`~rtdecoder.preprocess.motion.MotionCorrector` registers to it.
-2. Mask: a given 0/1 NIfTI on the reference grid (for real data, e.g. a visual-cortex mask
-   registered to the reference), or for the phantom world the subject's ground-truth visual mask
-   (the phantom's volumes are on the subject's grid, so it needs no registration).
+1. Motion reference (:func:`choose_reference`): the middle volume of the first run (read with
+   :func:`rtdecoder.ingest.readers.read_volume`), or a named volume file on the session's grid.
+   It is saved in the bundle and the live :class:`~rtdecoder.preprocess.motion.MotionCorrector`
+   registers to it.
+2. Mask: a given 0/1 NIfTI on the reference grid, in any voxel order (for real data, e.g. a
+   visual-cortex mask drawn on the reference), one drawn on another volume of the subject and
+   registered to the reference, or one resampled from another grid
+   (:func:`rtdecoder.preprocess.registration.mask_to_reference`); for the phantom world the
+   subject's ground-truth visual mask (the phantom's volumes are on the subject's grid).
 3. Every volume is motion-corrected to the reference and its mask voxels read at the corrected
-   positions (:meth:`MotionCorrector.correct`, as :class:`~rtdecoder.session.frontend.FrontEnd`).
+   positions (:meth:`MotionCorrector.estimate` and :meth:`MotionCorrector.resample_mask`, as
+   :class:`~rtdecoder.session.frontend.FrontEnd`; a run in another voxel order is reoriented first).
 4. ``signal_mean``: the mean corrected signal of each mask voxel over the whole session. Every
    time series is turned into percent signal change of it, ``100 * (v / signal_mean - 1)``, with
    the same :class:`~rtdecoder.preprocess.mask.OnlineNormaliser` the live session builds.
@@ -25,8 +40,12 @@ in the units of calibration betas:
    over runs (:func:`rtdecoder.glm.hrf.library_r2`). Missing volumes are linearly interpolated for
    this choice only.
 6. Betas: one :class:`~rtdecoder.glm.incremental.IncrementalGLM` per run with the config's method
-   (LSS/LSA), drift and motion confounds, ``slice_time_ref_s=0``, fed every volume and finished;
-   the final betas are the whole-run OLS fit (missing volumes left out).
+   (LSS/LSA), drift and motion confounds, fed every volume and finished; the final betas are the
+   whole-run OLS fit (missing volumes left out). The frame times (and the HRF choice of step 5)
+   use the run's slice-time reference, :func:`rtdecoder.glm.design.slice_time_ref_from` of
+   ``glm.slice_time_ref_s`` and the slice times of the run's first volume (``"auto"``: their
+   median; 0 without slice times; for a folder of volumes without them, the ``SliceTiming`` of
+   the run's BIDS ``_bold.json``). The live session applies the same rule to its first volume.
 7. Optional, ``glm.fracridge: true`` (off by default): GLMsingle's fractional ridge regression
    (:func:`fracridge_session_betas`). Each run's single-trial design (every trial its own
    regressor, as LSA, with the same HRFs) is fitted by ridge regression at every fraction of
@@ -59,24 +78,31 @@ fraction (:func:`load_fracridge_fractions`).
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from calibration.bids import find_bids_runs, find_func_dir
 from rtdecoder.config import RTDecoderConfig
 from rtdecoder.errors import BundleError, ConfigError, VolumeError
+from rtdecoder.glm.design import slice_time_ref_from
 from rtdecoder.glm.events import Trial, read_events_tsv
 from rtdecoder.glm.fracridge import design_svd, fracridge
 from rtdecoder.glm.hrf import library_r2
 from rtdecoder.glm.incremental import IncrementalGLM
+from rtdecoder.ingest.ordering import RunNumbering
 from rtdecoder.ingest.readers import read_volume
 from rtdecoder.ingest.volume import Volume
 from rtdecoder.preprocess.mask import OnlineNormaliser, VoxelMask
 from rtdecoder.preprocess.motion import MotionCorrector
+from rtdecoder.preprocess.orientation import VolumeReorienter, reorient_to_grid
+from rtdecoder.preprocess.registration import MaskSource, mask_to_reference, read_volume_file
 
 logger = logging.getLogger(__name__)
 
@@ -102,18 +128,37 @@ class RunFolder:
     Attributes
     ----------
     label : str
-        The run folder's name (e.g. ``"run-01"``).
+        The run folder's name (e.g. ``"run-01"``); for a BIDS run, its name without suffix
+        (``"sub-08_ses-01_task-nsd_run-01"``).
     directory : Path
+        The folder of the run's volumes (for a BIDS 4D file, its ``func/`` folder).
     volume_paths : list of Path
-        The volume files, in name order (the readers give each its index).
+        The volume files, in name order (the readers give each its index); a BIDS 4D run has its
+        one ``*_bold.nii.gz``.
     trials : list of Trial
-        From the run's ``events.tsv``; onsets from the start of the first volume, s.
+        From the run's events file; onsets from the start of the first volume, s.
+    events_path : Path or None
+        The run's ``events.tsv`` or ``*_events.tsv``.
+    entities : dict of str to str
+        A BIDS run's entities (``{"sub": "08", "ses": "01", "task": "nsd", "run": "01"}``); empty
+        for a run folder.
+    sidecar_path : Path or None
+        A BIDS run's ``*_bold.json``. For a folder of volumes, its ``SliceTiming`` stands in when
+        the volumes carry no slice times of their own (:func:`run_slice_times_s`).
     """
 
     label: str
     directory: Path
     volume_paths: list[Path]
     trials: list[Trial]
+    events_path: Path | None = None
+    entities: dict[str, str] = field(default_factory=dict)
+    sidecar_path: Path | None = None
+
+    @property
+    def source(self) -> Path:
+        """What errors name: the run's one 4D file, else its folder of volumes."""
+        return self.volume_paths[0] if len(self.volume_paths) == 1 else self.directory
 
 
 @dataclass
@@ -180,6 +225,9 @@ class SessionBetas:
     fracridge_fractions : ndarray of shape (n_voxels,), float32, or None
         With ``glm.fracridge``: the fraction of the OLS norm chosen for each voxel (1: the voxel
         kept its OLS betas). None when the betas are OLS.
+    slice_time_ref_s : dict of str to float
+        Per run: the time within the TR its volumes' samples stood for in the GLM, s
+        (:func:`rtdecoder.glm.design.slice_time_ref_from`).
     """
 
     betas: np.ndarray
@@ -193,6 +241,7 @@ class SessionBetas:
     motion_params: dict[str, np.ndarray] = field(default_factory=dict)
     n_missing: dict[str, int] = field(default_factory=dict)
     fracridge_fractions: np.ndarray | None = None
+    slice_time_ref_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def stim_index(self) -> np.ndarray:
@@ -205,13 +254,22 @@ class SessionBetas:
         return np.array([t.is_test for t in self.trials], dtype=bool)
 
 
-def find_runs(session_dir: str | Path) -> list[RunFolder]:
-    """The runs of a session folder: sub-folders with an ``events.tsv``, in name order.
+def find_runs(session_dir: str | Path, select: Mapping[str, str | int] | None = None) -> list[RunFolder]:
+    """The runs of a calibration session: run folders, or a BIDS session's runs.
 
     Parameters
     ----------
     session_dir : str or Path
-        The session; if it holds an ``events.tsv`` itself, it is a single run.
+        Either a folder of run folders, each with its volume files and an ``events.tsv`` (taken in
+        name order; a folder holding an ``events.tsv`` itself is a single run), or a BIDS session:
+        the ``ses-XX`` folder, its ``func/`` folder, or a ``sub-XX`` folder with ``func/`` or one
+        ``ses-XX`` (:func:`calibration.bids.find_func_dir`). A BIDS run is a 4D
+        ``*_bold.nii.gz`` or a folder of volumes named like the run, with its ``*_events.tsv``
+        beside it; runs are ordered by the ``run`` entity, numerically
+        (:func:`calibration.bids.find_bids_runs`).
+    select : mapping of str to str or int, optional
+        BIDS only: entity values the runs must have (``{"task": "nsd"}``, ``{"echo": 2}``), for a
+        session with several tasks, acquisitions or echoes.
 
     Returns
     -------
@@ -220,7 +278,9 @@ def find_runs(session_dir: str | Path) -> list[RunFolder]:
     Raises
     ------
     BundleError
-        If the folder does not exist, holds no run, or a run holds no volume file.
+        If the folder does not exist, holds no run, a run holds no volume file, ``select`` is
+        given for run folders, or a BIDS session is ambiguous (several sessions, tasks,
+        acquisitions or echoes) or has an events file without data.
     """
     session_dir = Path(session_dir)
     if not session_dir.is_dir():
@@ -229,35 +289,66 @@ def find_runs(session_dir: str | Path) -> list[RunFolder]:
         candidates = [session_dir]
     else:
         candidates = sorted(p for p in session_dir.iterdir() if p.is_dir() and (p / EVENTS_NAME).is_file())
-    if not candidates:
+    if candidates:
+        if select:
+            raise BundleError(
+                f"{session_dir}: select: BIDS entities {dict(select)} given, but the session is run folders with "
+                f"an {EVENTS_NAME} each; expected no selection (or a BIDS session)"
+            )
+        return [
+            RunFolder(
+                directory.name, directory, _volume_files(directory, EVENTS_NAME),
+                read_events_tsv(directory / EVENTS_NAME), events_path=directory / EVENTS_NAME,
+            )
+            for directory in candidates
+        ]
+    func_dir = find_func_dir(session_dir)
+    if func_dir is None:
         raise BundleError(
-            f"{session_dir}: --session: expected run folders each holding volume files and an {EVENTS_NAME} "
-            "(found none)"
+            f"{session_dir}: --session: expected run folders each holding volume files and an {EVENTS_NAME}, "
+            "or a BIDS session (a ses-XX folder, its func/ folder, or a sub-XX folder with one session) with a "
+            "*_bold.nii.gz or a folder of volumes per run and its *_events.tsv beside it (found none)"
         )
     runs = []
-    for directory in candidates:
-        paths = sorted(
-            p for p in directory.iterdir()
-            if p.is_file() and not p.name.startswith(".") and not p.name.lower().endswith(_SKIPPED_SUFFIXES)
-        )
-        if not paths:
-            raise BundleError(f"{directory}: expected volume files (DICOM or NIfTI) beside {EVENTS_NAME} (found none)")
-        runs.append(RunFolder(directory.name, directory, paths, read_events_tsv(directory / EVENTS_NAME)))
+    for bids_run in find_bids_runs(func_dir, select):
+        if bids_run.data_path.is_dir():
+            directory, paths = bids_run.data_path, _volume_files(bids_run.data_path, bids_run.events_path.name)
+        else:
+            directory, paths = func_dir, [bids_run.data_path]
+        runs.append(RunFolder(
+            bids_run.label, directory, paths, read_events_tsv(bids_run.events_path),
+            events_path=bids_run.events_path, entities=bids_run.entities, sidecar_path=bids_run.sidecar_path,
+        ))
     return runs
 
 
-def read_run_volumes(run: RunFolder) -> list[Volume]:
+def _volume_files(directory: Path, events_name: str) -> list[Path]:
+    """A run folder's volume files in name order (not sidecars, tables or hidden files)."""
+    paths = sorted(
+        p for p in directory.iterdir()
+        if p.is_file() and not p.name.startswith(".") and not p.name.lower().endswith(_SKIPPED_SUFFIXES)
+    )
+    if not paths:
+        raise BundleError(f"{directory}: expected volume files (DICOM or NIfTI) for {events_name} (found none)")
+    return paths
+
+
+def read_run_volumes(run: RunFolder, default_tr_s: float | None = None) -> list[Volume]:
     """Read a run's volumes with the front end's reader, in index order.
 
     A single 4D NIfTI file is read volume by volume (``index_hint``); otherwise each file is one
-    volume and carries its own index. One run is held in memory at a time.
+    volume and carries its own index, numbered as the live watcher numbers it
+    (:class:`~rtdecoder.ingest.ordering.RunNumbering`: a run named from 1 is not one TR late).
+    ``default_tr_s`` is the TR of files that carry none. One run is held in memory at a time.
     """
     if len(run.volume_paths) == 1 and _is_series(run.volume_paths[0]):
         path = run.volume_paths[0]
-        return [read_volume(path, index_hint=index) for index in range(int(nib.load(path).shape[3]))]
+        return [read_volume(path, index_hint=index, default_tr_s=default_tr_s)
+                for index in range(int(nib.load(path).shape[3]))]
+    numbering = RunNumbering()
     volumes: dict[int, Volume] = {}
     for position, path in enumerate(run.volume_paths):
-        volume = read_volume(path, index_hint=position)
+        volume = numbering.assign(read_volume(path, index_hint=position, default_tr_s=default_tr_s))
         if volume.index in volumes:
             raise VolumeError(
                 f"{path}: index {volume.index} also in {volumes[volume.index].source}; expected one file per volume"
@@ -266,11 +357,73 @@ def read_run_volumes(run: RunFolder) -> list[Volume]:
     return [volumes[index] for index in sorted(volumes)]
 
 
+def run_slice_times_s(run: RunFolder, volumes: Sequence[Volume]) -> tuple[np.ndarray | None, str]:
+    """The slice acquisition times of a run, as its first volume gives them.
+
+    The first volume's own ``slice_times_s`` (from its DICOM header, NIfTI header or sidecar),
+    as the live session takes its first volume's. A BIDS folder of volumes whose files carry none
+    takes the ``SliceTiming`` of the run's ``*_bold.json`` (with ``SliceEncodingDirection`` ``k``
+    or ``k-``).
+
+    Parameters
+    ----------
+    run : RunFolder
+    volumes : sequence of Volume
+        The run's volumes in index order (:func:`read_run_volumes`).
+
+    Returns
+    -------
+    slice_times_s : ndarray of shape (nz,) or None
+        Seconds from the start of the volume, one per slice along the third axis; None when
+        neither volumes nor sidecar carry them.
+    source : str
+        The file they came from (for messages).
+
+    Raises
+    ------
+    VolumeError
+        If the sidecar cannot be read, or its ``SliceTiming`` is not one time per slice.
+    """
+    if not volumes:
+        return None, str(run.directory)
+    first = volumes[0]
+    if first.slice_times_s is not None:
+        return np.asarray(first.slice_times_s, dtype=np.float64), str(first.source)
+    path = run.sidecar_path
+    if path is None:
+        return None, str(first.source)
+    try:
+        sidecar = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise VolumeError(f"{path}: cannot read the run's sidecar: {err}") from None
+    if not isinstance(sidecar, dict) or "SliceTiming" not in sidecar:
+        return None, str(first.source)
+    n_slices = first.data.shape[2]
+    try:
+        times_s = np.asarray(sidecar["SliceTiming"], dtype=np.float64)
+    except (TypeError, ValueError):
+        times_s = np.empty(0)
+    if times_s.shape != (n_slices,):
+        raise VolumeError(
+            f"{path}: SliceTiming: expected {n_slices} times in s, one per slice of {first.source} "
+            f"(got {sidecar['SliceTiming']!r:.80})"
+        )
+    direction = sidecar.get("SliceEncodingDirection", "k")
+    if direction not in ("k", "k-"):
+        raise VolumeError(
+            f"{path}: SliceEncodingDirection: expected 'k' or 'k-' (slices along the third axis) (got {direction!r})"
+        )
+    # BIDS lists the times in slice-encoding order; "k-" runs from the last slice to the first.
+    return (times_s[::-1].copy() if direction == "k-" else times_s), str(path)
+
+
 def estimate_session_betas(
     session_dir: str | Path,
     config: RTDecoderConfig,
-    mask: np.ndarray | VoxelMask | str | Path,
+    mask: np.ndarray | VoxelMask | MaskSource | str | Path,
     progress: bool = True,
+    reference: str | Path | Volume | None = None,
+    select: Mapping[str, str | int] | None = None,
 ) -> SessionBetas:
     """Motion-correct, mask, normalise and fit single-trial betas for a whole session.
 
@@ -279,12 +432,19 @@ def estimate_session_betas(
     session_dir : str or Path
         Runs as :func:`find_runs` finds them.
     config : RTDecoderConfig
-        Uses ``preprocess`` (motion correction) and ``glm`` (method, HRF, drift, confounds).
-    mask : ndarray of bool (nx, ny, nz), VoxelMask, str or Path
-        The voxels to model, on the reference grid; a path is read as a 0/1 NIfTI. An array takes
-        the reference's affine.
+        Uses ``preprocess`` (motion correction) and ``glm`` (method, HRF, drift, confounds,
+        ``slice_time_ref_s``).
+    mask : ndarray of bool (nx, ny, nz), VoxelMask, MaskSource, str or Path
+        The voxels to model, on the reference grid (in any voxel order: it is reoriented); a path
+        is read as a 0/1 NIfTI; a :class:`~rtdecoder.preprocess.registration.MaskSource` may also
+        be registered or resampled (:func:`~rtdecoder.preprocess.registration.mask_to_reference`).
+        An array takes the reference's affine.
     progress : bool, default=True
         Show a tqdm bar over volumes.
+    reference : str, Path or Volume, optional
+        The motion reference (:func:`choose_reference`); default: the middle volume of the first run.
+    select : mapping of str to str or int, optional
+        BIDS entity values the runs must have (``{"task": "nsd"}``); see :func:`find_runs`.
 
     Returns
     -------
@@ -292,40 +452,43 @@ def estimate_session_betas(
     """
     from tqdm.auto import tqdm
 
-    runs = find_runs(session_dir)
-    first_run = read_run_volumes(runs[0])
-    reference = first_run[len(first_run) // 2]
+    runs = find_runs(session_dir, select)
+    first_run = read_run_volumes(runs[0], config.scanner.tr_s)
+    reference = choose_reference(first_run, reference)
     affine = np.asarray(reference.affine, dtype=np.float64)
-    voxel_mask = _as_voxel_mask(mask, affine)
-    if voxel_mask.shape != tuple(reference.data.shape):
-        raise VolumeError(
-            f"{voxel_mask.source}: mask: grid {voxel_mask.shape} does not match the session's volumes "
-            f"{tuple(reference.data.shape)} ({reference.source}); the mask must be on the reference grid"
-        )
-    if not np.allclose(voxel_mask.affine, affine, atol=1e-3):
-        raise VolumeError(
-            f"{voxel_mask.source}: affine: does not match the session's volumes ({reference.source}) "
-            "within 0.001 mm; the mask must be in the reference space"
-        )
+    voxel_mask = _as_voxel_mask(mask, reference)
     pre = config.preprocess
     motion = None
     if pre.motion_correction:
         motion = MotionCorrector(pre.motion_max_iterations, pre.motion_tolerance_mm, pre.motion_n_samples)
         motion.set_reference(reference.data, affine)
     raw_runs: list[tuple[RunFolder, np.ndarray, np.ndarray, float]] = []
+    slice_timing: list[tuple[np.ndarray | None, str]] = []  # each run's slice times, s, and where they are from
     # a single 4D file per run has no per-volume file count; the bar then counts without a total
     n_files = None if len(runs[0].volume_paths) == 1 else sum(len(run.volume_paths) for run in runs)
     with tqdm(total=n_files, desc="calibration volumes", unit="vol", disable=not progress) as bar:
         for number, run in enumerate(runs):
-            volumes = first_run if number == 0 else read_run_volumes(run)
+            volumes = first_run if number == 0 else read_run_volumes(run, config.scanner.tr_s)
             first_run = []
             values, params, tr_s = _correct_run(run, volumes, voxel_mask, motion, bar)
             raw_runs.append((run, values, params, tr_s))
+            slice_timing.append(run_slice_times_s(run, volumes))
             del volumes
     tr_s = raw_runs[0][3]
     for run, _, _, run_tr_s in raw_runs:
         if abs(run_tr_s - tr_s) > 1e-3:
-            raise VolumeError(f"{run.directory}: TR {run_tr_s} s differs from the first run's {tr_s} s")
+            raise VolumeError(f"{run.source}: TR {run_tr_s} s differs from the first run's {tr_s} s")
+    glm = config.glm
+    # Each run's own reference (slice timing could differ between runs); the live session takes
+    # its run's from the first live volume by the same rule.
+    slice_time_refs_s = [
+        slice_time_ref_from(glm.slice_time_ref_s, times_s, tr_s, source=source) for times_s, source in slice_timing
+    ]
+    for run, ref_s, (times_s, _) in zip(runs, slice_time_refs_s, slice_timing, strict=True):
+        logger.info(
+            "%s: slice-time reference %.4g s (glm.slice_time_ref_s: %s; %s)", run.label, ref_s, glm.slice_time_ref_s,
+            "no slice times" if times_s is None else f"slices acquired {times_s.min():.4g} to {times_s.max():.4g} s",
+        )
 
     signal_mean = np.nanmean(np.concatenate([values for _, values, _, _ in raw_runs]), axis=0)
     if not np.all(signal_mean > 0):
@@ -338,16 +501,15 @@ def estimate_session_betas(
     psc_runs = [
         (run, _normalise_rows(normaliser, values), params) for run, values, params, _ in raw_runs
     ]
-    glm = config.glm
     hrf_index = np.zeros(voxel_mask.n_voxels, dtype=np.int32)
     if glm.hrf == "library":
-        hrf_index = choose_session_hrf(psc_runs, config, tr_s)
+        hrf_index = choose_session_hrf(psc_runs, config, tr_s, slice_time_refs_s)
     offline = glm.model_copy(update={"beta_wait_s": _NEVER_RELEASE_S, "publish_refinements": False})
     betas, trials, labels = [], [], []
     designs: list[RunDesign] = []
-    for run, psc, params in psc_runs:
+    for (run, psc, params), slice_time_ref_s in zip(psc_runs, slice_time_refs_s, strict=True):
         estimator = IncrementalGLM.from_config(
-            offline, run.trials, tr_s, psc.shape[0], slice_time_ref_s=0.0,
+            offline, run.trials, tr_s, psc.shape[0], slice_time_ref_s=slice_time_ref_s,
             hrf_per_voxel=hrf_index if glm.hrf == "library" else None,
         ).start(voxel_mask.n_voxels)
         for tr_index in range(psc.shape[0]):
@@ -380,6 +542,7 @@ def estimate_session_betas(
         motion_params={run.label: params for run, _, params, _ in raw_runs},
         n_missing={run.label: int(np.isnan(values[:, 0]).sum()) for run, values, _, _ in raw_runs},
         fracridge_fractions=fractions,
+        slice_time_ref_s={run.label: ref_s for run, ref_s in zip(runs, slice_time_refs_s, strict=True)},
     )
     logger.info(
         "calibration betas: %d trials x %d voxels from %d runs", len(trials), voxel_mask.n_voxels, len(runs)
@@ -606,7 +769,10 @@ def _orthonormal_basis(columns: np.ndarray) -> np.ndarray:
 
 
 def choose_session_hrf(
-    psc_runs: Sequence[tuple[RunFolder, np.ndarray, np.ndarray]], config: RTDecoderConfig, tr_s: float
+    psc_runs: Sequence[tuple[RunFolder, np.ndarray, np.ndarray]],
+    config: RTDecoderConfig,
+    tr_s: float,
+    slice_time_refs_s: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Library HRF per voxel with the best single-trial R^2 summed over the session's runs.
 
@@ -618,17 +784,21 @@ def choose_session_hrf(
         ``glm`` drift and confound settings.
     tr_s : float
         Repetition time, s.
+    slice_time_refs_s : sequence of float, optional
+        Each run's slice-time reference, s, as its betas' GLM uses it; default 0 for every run.
 
     Returns
     -------
     ndarray of shape (n_voxels,), int32
     """
     glm = config.glm
+    if slice_time_refs_s is None:
+        slice_time_refs_s = [0.0] * len(psc_runs)
     total = None
-    for run, psc, params in psc_runs:
+    for (run, psc, params), slice_time_ref_s in zip(psc_runs, slice_time_refs_s, strict=True):
         psc, params = _fill_missing(psc), _fill_missing(params)
         r2 = library_r2(
-            psc, run.trials, tr_s, 0.0, params if glm.motion_confounds else None,
+            psc, run.trials, tr_s, slice_time_ref_s, params if glm.motion_confounds else None,
             glm.drift_model, glm.drift_order, glm.high_pass_hz,
         )
         total = r2 if total is None else total + r2
@@ -723,15 +893,18 @@ def _correct_run(
         motion.reset()
     rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     tr_s = None
+    # A run stored in another voxel order than the reference (e.g. SPM-converted) is read through
+    # a view in the reference's order, as the live FrontEnd does; another grid is an error.
+    to_grid = VolumeReorienter(mask.shape, mask.affine, "the motion reference's grid")
     for volume in volumes:
         if tr_s is None:
             tr_s = float(volume.tr_s)
+        data = np.ascontiguousarray(to_grid.data(volume), dtype=np.float32)
         if motion is not None:
-            values, estimate = motion.correct(volume, mask.ijk)
-            params = estimate.params
+            estimate = motion.estimate(data)
+            values, params = motion.resample_mask(data, estimate.params, mask.ijk), estimate.params
         else:
-            mask.check_volume(volume)
-            values, params = mask.values(volume.data), np.zeros(6)
+            values, params = mask.values(data), np.zeros(6)
         rows[volume.index] = (values, params)
         bar.update(1)
     if tr_s is None or not tr_s > 0:
@@ -767,12 +940,55 @@ def _fill_missing(rows: np.ndarray) -> np.ndarray:
     return filled
 
 
-def _as_voxel_mask(mask: np.ndarray | VoxelMask | str | Path, affine: np.ndarray) -> VoxelMask:
-    if isinstance(mask, VoxelMask):
-        return mask
-    if isinstance(mask, (str, Path)):
-        return VoxelMask.from_nifti(mask)
-    return VoxelMask(np.asarray(mask, dtype=bool), affine, source="<mask array>")
+def choose_reference(first_run: Sequence[Volume], reference: str | Path | Volume | None = None) -> Volume:
+    """The motion reference of a session: the given volume, else the middle volume of the first run.
+
+    Parameters
+    ----------
+    first_run : sequence of Volume
+        The first run's volumes in index order (:func:`read_run_volumes`).
+    reference : str, Path or Volume, optional
+        A volume file (NIfTI or DICOM) or volume on the session's grid, in any voxel order: it is
+        brought into the session's order (so the bundle stays in the scanner's order).
+
+    Returns
+    -------
+    Volume
+        On the session's grid (the middle volume's affine), its ``source`` the file it came from.
+
+    Raises
+    ------
+    VolumeError
+        Naming the file and both grids when ``reference`` is not on the session's grid.
+    """
+    middle = first_run[len(first_run) // 2]
+    if reference is None:
+        return middle
+    if isinstance(reference, Volume):
+        data, affine, source = reference.data, reference.affine, str(reference.source or "<reference volume>")
+    else:
+        data, affine = read_volume_file(reference, "--reference")
+        source = str(reference)
+    data = reorient_to_grid(
+        data, affine, middle.shape, middle.affine, f"{source}: --reference",
+        f"the session's volumes ({middle.source})",
+        hint="; the motion reference must be a volume of this session's grid (a mask drawn on another session's "
+        "volume is registered with --mask-space)",
+    )
+    return dataclasses.replace(
+        middle, data=np.ascontiguousarray(data, dtype=np.float32), source=Path(source), slice_times_s=None
+    )
+
+
+def _as_voxel_mask(mask: np.ndarray | VoxelMask | MaskSource | str | Path, reference: Volume) -> VoxelMask:
+    """The mask on the reference grid; any other grid is an error naming both (or registered/resampled)."""
+    affine = np.asarray(reference.affine, dtype=np.float64)
+    target = f"the session's volumes (motion reference {reference.source})"
+    if isinstance(mask, (MaskSource, str, Path)):
+        return mask_to_reference(mask, reference.data, affine, target)
+    if not isinstance(mask, VoxelMask):
+        mask = VoxelMask(np.asarray(mask, dtype=bool), affine, source="<mask array>")
+    return mask.on_grid(reference.shape, affine, target)
 
 
 def _is_series(path: Path) -> bool:

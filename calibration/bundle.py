@@ -13,7 +13,8 @@ Layout (written by :meth:`SubjectBundle.save`, checked by :meth:`SubjectBundle.l
 
 The live decoder loads a bundle and calls :meth:`SubjectBundle.check_volume` on the first volume:
 any mismatch (grid, orientation, voxel count, embedding space, model version) is an error that
-names the file and field, never a silent wrong answer.
+names the file and field, never a silent wrong answer. The same grid in another voxel order (axes
+reversed or permuted) is not a mismatch: the front end reorients such volumes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,9 @@ from safetensors.numpy import load_file, save_file
 from rtdecoder import __version__
 from rtdecoder.config import RTDecoderConfig, read_saved_config, save_config
 from rtdecoder.errors import BundleError
+from rtdecoder.preprocess.orientation import GridTransform, describe_grid, find_grid_transform
+
+logger = logging.getLogger(__name__)
 
 BUNDLE_VERSION = 1
 AFFINE_TOLERANCE_MM = 1e-3
@@ -217,19 +222,59 @@ class SubjectBundle:
             )
         return model
 
-    def check_volume(self, shape: tuple[int, ...], affine: np.ndarray, source: str = "volume") -> None:
-        """Raise if a live volume's grid or orientation differs from the calibration's."""
-        if tuple(shape) != tuple(self.mask.shape):
+    def check_volume(self, shape: tuple[int, ...], affine: np.ndarray, source: str = "volume") -> GridTransform:
+        """Raise if a live volume's grid or orientation differs from the calibration's.
+
+        A volume on the bundle's grid stored in another voxel order (axes reversed or permuted,
+        e.g. an SPM-converted NIfTI of a DICOM-calibrated subject) is accepted: the returned
+        transform brings its data into the bundle's order (the front end applies it to every
+        volume).
+
+        Parameters
+        ----------
+        shape : tuple of int
+            The volume's ``(nx, ny, nz)``.
+        affine : ndarray of shape (4, 4)
+            Its voxel-to-world (RAS+, mm) matrix.
+        source : str, default="volume"
+            The volume's file, first in error messages.
+
+        Returns
+        -------
+        GridTransform
+            The identity when the volume is in the bundle's voxel order.
+
+        Raises
+        ------
+        BundleError
+            Naming the file, both grids and the largest difference in mm.
+        """
+        affine = np.asarray(affine, dtype=np.float64)
+        if affine.shape != (4, 4):
+            raise BundleError(f"{source}: affine: expected a (4, 4) voxel-to-world matrix (got shape {affine.shape})")
+        match = find_grid_transform(shape, affine, self.mask.shape, self.affine)
+        grids = (
+            f"volume {describe_grid(shape, affine)}; bundle {describe_grid(self.mask.shape, self.affine)}"
+        )
+        if not match.shape_matches:
             raise BundleError(
                 f"{source}: grid {tuple(shape)} does not match the bundle's mask grid {tuple(self.mask.shape)} "
-                f"(subject {self.subject_id}); was the protocol changed since calibration?"
+                f"(subject {self.subject_id}), in any voxel order ({grids}); was the protocol changed since "
+                "calibration?"
             )
-        difference = float(np.abs(np.asarray(affine) - self.affine).max())
-        if difference > max(AFFINE_TOLERANCE_MM, 0.5 * float(np.abs(self.affine[:3, :3]).max())):
+        tolerance_mm = max(AFFINE_TOLERANCE_MM, 0.5 * float(np.abs(self.affine[:3, :3]).max()))
+        if match.difference_mm > tolerance_mm:
             raise BundleError(
-                f"{source}: voxel-to-world affine differs from the bundle's by {difference:.3f} mm; "
+                f"{source}: voxel-to-world affine differs from the bundle's by {match.difference_mm:.3f} mm "
+                f"(the largest distance between the grids' corner voxels, in any voxel order; {grids}); "
                 "the mask would land on the wrong voxels (re-run calibration or check the slice prescription)"
             )
+        if not match.transform.is_identity:
+            logger.info(
+                "%s: on the bundle's grid in another voxel order (target axes = file axes %s, minus: reversed); "
+                "each volume is reoriented before motion correction", source, match.transform.describe(),
+            )
+        return match.transform
 
     def check_embedding(self, embedding_name: str) -> None:
         """Raise if the live decoder's embedder is not the one the model was trained to predict."""

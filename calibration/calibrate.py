@@ -16,6 +16,14 @@
 
 Image targets are the embedder's tokens of each trial's image: for the phantom world, its stimulus
 bank (from the embedding cache); otherwise a folder of image files named ``<stim_id>.<ext>``.
+
+Mask and reference: the mask must reach the motion reference's grid (the middle volume of the
+first run, or ``reference``): given on that grid in any voxel order, drawn on another volume of the
+subject and registered (:class:`~rtdecoder.preprocess.registration.MaskSource` with ``space``), or
+resampled from another grid when asked. :func:`write_reference` writes the reference calibration
+would use, before calibration, so that a mask can be drawn on it. The phantom subject's own mask
+is only a default for sessions the phantom wrote (:func:`written_by_phantom`); for anything else
+a missing mask is an error (:func:`missing_mask_message`).
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from calibration.betas import SessionBetas, estimate_session_betas, save_betas
 from calibration.bundle import SubjectBundle
 from rtdecoder.config import RTDecoderConfig
 from rtdecoder.errors import BundleError, ConfigError
+from rtdecoder.preprocess.mask import VoxelMask
+from rtdecoder.preprocess.registration import MaskSource
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +51,9 @@ RETRIEVAL_POOLS = 30
 _MIN_STD = 1e-6
 _IMAGE_SIZE_PX = 224
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# What the phantom's writers put in the files they export (rtdecoder.phantom.scanner and
+# dicom_export); real scanners never do.
+_PHANTOM_MARK = "rtdecoder phantom"
 
 
 @dataclass
@@ -55,12 +68,16 @@ class CalibrationReport:
     seconds : dict of str to float
         Wall time of ``betas``, ``training`` and ``total``.
     n_train_trials : int
+    mask : dict
+        How the mask reached the reference grid (:attr:`VoxelMask.provenance`: method, file, and
+        for a registered mask the transform in mm and degrees and the cost).
     """
 
     bundle_dir: Path
     evaluation: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
     n_train_trials: int = 0
+    mask: dict[str, Any] = field(default_factory=dict)
 
 
 def zscore_stats(betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -193,13 +210,15 @@ def calibrate(
     session_dir: str | Path,
     out_dir: str | Path,
     subject_id: str,
-    mask: np.ndarray | str | Path,
+    mask: np.ndarray | VoxelMask | MaskSource | str | Path,
     pretrained_dir: str | Path | None = None,
     images_dir: str | Path | None = None,
     progress: bool = True,
     session: SessionBetas | None = None,
     bank_tokens: np.ndarray | None = None,
     embedding_name: str | None = None,
+    reference: str | Path | None = None,
+    select: dict[str, str] | None = None,
 ) -> CalibrationReport:
     """Calibrate one subject from one session and write its bundle.
 
@@ -212,8 +231,9 @@ def calibrate(
         The bundle folder.
     subject_id : str
         The adapter's name (e.g. ``"sub-08"``).
-    mask : ndarray of bool, str or Path
-        The voxel mask on the reference grid.
+    mask : ndarray of bool, VoxelMask, MaskSource, str or Path
+        The voxel mask: on the reference grid (any voxel order), or a
+        :class:`~rtdecoder.preprocess.registration.MaskSource` to register or resample.
     pretrained_dir : str or Path, optional
         A :meth:`MindEye2.save_pretrained` folder (e.g. from ``rtdecoder pretrain``); ``None``
         trains from scratch.
@@ -228,6 +248,9 @@ def calibrate(
         give ``embedding_name`` with it.
     embedding_name : str, optional
         The name of the embedder that made ``bank_tokens``.
+    reference : str or Path, optional
+        The motion reference volume file, on the session's grid (any voxel order); default: the
+        middle volume of the first run.
 
     Returns
     -------
@@ -242,7 +265,8 @@ def calibrate(
     out_dir = Path(out_dir)
     seconds: dict[str, float] = {}
     if session is None:
-        session = estimate_session_betas(session_dir, config, mask, progress=progress)
+        session = estimate_session_betas(session_dir, config, mask, progress=progress, reference=reference,
+                                         select=select)
     save_betas(session, out_dir / "betas")
     seconds["betas"] = time.perf_counter() - started
 
@@ -314,11 +338,108 @@ def calibrate(
             "calibration_pretrained": str(pretrained_dir) if pretrained_dir is not None else None,
             "calibration_seconds": {k: round(v, 1) for k, v in seconds.items()},
             "calibration_tr_s": session.tr_s,
+            "calibration_mask": session.mask.provenance,
+            "calibration_reference": str(reference) if reference is not None else "middle volume of the first run",
         },
     )
     bundle.save(out_dir, model=model)
     logger.info("bundle written to %s (evaluation %s)", out_dir, evaluation)
-    return CalibrationReport(out_dir, evaluation, seconds, int(train_rows.size))
+    return CalibrationReport(out_dir, evaluation, seconds, int(train_rows.size), dict(session.mask.provenance))
+
+
+def write_reference(
+    session_dir: str | Path, out_path: str | Path, reference: str | Path | None = None,
+    select: dict[str, str] | None = None,
+) -> Path:
+    """Write the motion reference calibration would use, before calibrating (to draw a mask on).
+
+    Parameters
+    ----------
+    session_dir : str or Path
+        The calibration session (:func:`calibration.betas.find_runs`).
+    out_path : str or Path
+        The NIfTI file to write (``.nii`` or ``.nii.gz``), float32, in the session's voxel order.
+    reference : str or Path, optional
+        A volume file to use instead of the default (the middle volume of the first run).
+
+    Returns
+    -------
+    Path
+        ``out_path``.
+    """
+    import nibabel as nib
+
+    from calibration.betas import choose_reference, find_runs, read_run_volumes
+
+    out_path = Path(out_path)
+    if not out_path.name.lower().endswith((".nii", ".nii.gz")):
+        raise BundleError(f"{out_path}: --write-reference: expected a .nii or .nii.gz file name")
+    volume = choose_reference(read_run_volumes(find_runs(session_dir, select)[0]), reference)
+    image = nib.Nifti1Image(np.asarray(volume.data, dtype=np.float32), volume.affine)
+    image.set_qform(volume.affine, code=1)
+    image.set_sform(volume.affine, code=1)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, out_path)
+    logger.info("motion reference %s written to %s", volume.source, out_path)
+    return out_path
+
+
+def written_by_phantom(session_dir: str | Path) -> bool:
+    """Whether the session's volumes were written by the rtdecoder phantom (so its mask applies).
+
+    True when the first run's first volume file says so, as only the phantom's writers mark it:
+    a NIfTI's sidecar ``Manufacturer`` or a DICOM's ``InstitutionName`` is ``"rtdecoder phantom"``;
+    or when the session lies in a ``rtdecoder phantom generate`` tree (inside a ``sub-XX`` folder
+    whose ``truth/sub-XX_mask-visual.nii.gz`` is the phantom's ground-truth mask).
+
+    Parameters
+    ----------
+    session_dir : str or Path
+
+    Returns
+    -------
+    bool
+    """
+    import json
+
+    from calibration.betas import find_runs
+
+    runs = find_runs(session_dir)
+    first = runs[0].volume_paths[0]
+    name = first.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        stem = first.name[: -len(".nii.gz")] if name.endswith(".nii.gz") else first.name[: -len(".nii")]
+        try:
+            if json.loads(first.with_name(stem + ".json").read_text()).get("Manufacturer") == _PHANTOM_MARK:
+                return True
+        except (OSError, ValueError, AttributeError):
+            pass
+    else:
+        import pydicom
+
+        try:
+            header = pydicom.dcmread(first, stop_before_pixels=True)
+            if str(getattr(header, "InstitutionName", "")) == _PHANTOM_MARK:
+                return True
+        except (OSError, ValueError, pydicom.errors.InvalidDicomError):
+            pass
+    session_dir = Path(session_dir).resolve()
+    for folder in [session_dir, *session_dir.parents][:4]:
+        if folder.name.startswith("sub-") and (folder / "truth" / f"{folder.name}_mask-visual.nii.gz").is_file():
+            return True
+    return False
+
+
+def missing_mask_message(session_dir: str | Path) -> str:
+    """The error for a calibration of real data without ``--mask``: why, and how to make a mask."""
+    return (
+        f"{session_dir}: --mask: required (the session's volumes were not written by the rtdecoder phantom, so the "
+        "phantom subject's mask does not apply). Make a 0/1 NIfTI mask of the voxels to decode: draw it on the "
+        f"reference calibration will use, written by 'rtdecoder calibrate --session {session_dir} --write-reference "
+        "reference.nii.gz', and pass --mask MASK.nii.gz; or pass a mask drawn on another volume of the subject with "
+        "--mask-space THAT_VOLUME (it is registered); or compute a brain mask of the reference with "
+        "nilearn.masking.compute_epi_mask and save it as NIfTI"
+    )
 
 
 def _check_pretrained(pretrained_dir: Path, config: RTDecoderConfig) -> None:

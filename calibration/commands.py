@@ -11,15 +11,42 @@ def add_calibration_commands(groups: argparse._SubParsersAction) -> None:
         "calibrate", help="one calibration session -> betas, statistics, fine-tuned model, subject bundle"
     )
     calibrate.add_argument("--config", default="phantom", help="preset name or YAML file (default: phantom)")
-    calibrate.add_argument("--session", required=True, help="folder of run folders, each with volumes + events.tsv")
-    calibrate.add_argument("--out", required=True, help="the subject bundle folder to write")
+    calibrate.add_argument(
+        "--session", required=True,
+        help="run folders each with volumes + events.tsv, or a BIDS session (ses-XX, its func/, or sub-XX)",
+    )
+    calibrate.add_argument("--out", help="the subject bundle folder to write (required unless --write-reference)")
     calibrate.add_argument("--pretrained", help="pretrained model folder (rtdecoder pretrain); default: from scratch")
     calibrate.add_argument(
         "--images", help="folder of <stim_id>.png/.jpg stimulus images (default: the phantom world's bank)"
     )
     calibrate.add_argument("--subject-id", default="sub-08", help="adapter name (default: sub-08)")
     calibrate.add_argument(
-        "--mask", help="0/1 NIfTI on the volumes' grid (default: the phantom subject's visual-cortex mask)"
+        "--mask",
+        help="0/1 NIfTI of the voxels to decode, on the motion reference's grid in any voxel order (required, "
+        "except for sessions the phantom wrote: then the phantom subject's visual-cortex mask)",
+    )
+    calibrate.add_argument(
+        "--mask-space", metavar="VOLUME",
+        help="the volume (NIfTI or DICOM) the --mask was drawn on, e.g. another run's or session's mean EPI: "
+        "it is rigidly registered to the motion reference and the mask carried through that transform",
+    )
+    calibrate.add_argument(
+        "--resample-mask", action="store_true",
+        help="resample a --mask on another grid by world coordinates (trilinear, threshold 0.5); never done "
+        "without this flag",
+    )
+    calibrate.add_argument(
+        "--reference", metavar="VOLUME",
+        help="motion reference volume file on the session's grid (default: the middle volume of the first run)",
+    )
+    calibrate.add_argument(
+        "--write-reference", metavar="OUT.nii.gz",
+        help="only write the motion reference calibration would use (to draw a mask on) and exit",
+    )
+    calibrate.add_argument(
+        "--select", metavar="ENTITY=VALUE", action="append", default=[],
+        help="BIDS sessions: take only runs with this entity value, e.g. --select task=nsd (repeatable)",
     )
     calibrate.add_argument("--no-progress", action="store_true", help="no progress bars")
     calibrate.set_defaults(handler=_calibrate)
@@ -37,27 +64,48 @@ def _calibrate(args: argparse.Namespace) -> int:
     import torch
 
     from calibration.betas import find_runs
-    from calibration.calibrate import calibrate
+    from calibration.calibrate import calibrate, missing_mask_message, write_reference, written_by_phantom
     from calibration.pretrain import subject_index
     from rtdecoder.config import load_config
     from rtdecoder.errors import BundleError
+    from rtdecoder.preprocess.mask import VoxelMask
+    from rtdecoder.preprocess.registration import MaskSource, describe_provenance
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     config = load_config(args.config)
-    find_runs(args.session)  # a wrong folder fails now, not after the mask is built
-    mask = args.mask
-    if mask is None:
+    select = _entity_selection(args.select)
+    find_runs(args.session, select)  # a wrong folder fails now, not after the mask is built
+    if args.write_reference:
+        path = write_reference(args.session, args.write_reference, args.reference, select)
+        print(f"motion reference: {path} (draw the mask on it, then calibrate with --mask MASK.nii.gz"
+              + (f" --reference {args.reference}" if args.reference else "") + ")")
+        return 0
+    if args.out is None:
+        raise BundleError("calibrate: --out: required (the subject bundle folder to write), unless --write-reference")
+    if args.mask is None:
+        if args.mask_space is not None or args.resample_mask:
+            raise BundleError("calibrate: --mask: expected the mask file that --mask-space/--resample-mask apply to")
         if args.images is not None:
             raise BundleError("calibrate: --mask: required with --images (the phantom mask fits phantom data only)")
+        if not written_by_phantom(args.session):
+            raise BundleError(missing_mask_message(args.session))
         from rtdecoder.phantom.subjects import PhantomSubject
 
-        mask = PhantomSubject.build(config, subject_index(args.subject_id, config.phantom.n_subjects)).mask
+        subject = PhantomSubject.build(config, subject_index(args.subject_id, config.phantom.n_subjects))
+        mask = VoxelMask(
+            subject.mask, subject.affine, source=f"phantom {args.subject_id} ground-truth visual mask",
+            provenance={"file": f"phantom {args.subject_id} ground-truth visual mask", "method": "phantom default"},
+        )
+    else:
+        mask = MaskSource(args.mask, args.mask_space, args.resample_mask)
     report = calibrate(
         config, args.session, args.out, args.subject_id, mask,
         pretrained_dir=args.pretrained, images_dir=args.images, progress=not args.no_progress,
+        reference=args.reference, select=select,
     )
     evaluation = report.evaluation
     print(f"bundle: {report.bundle_dir}")
+    print(describe_provenance(report.mask))
     print(f"training trials: {report.n_train_trials}; time: " + ", ".join(
         f"{k} {v:.0f} s" for k, v in report.seconds.items()))
     if "image_top1" in evaluation:
@@ -85,3 +133,16 @@ def _pretrain(args: argparse.Namespace) -> int:
     model_dir = pretrain(config, args.out, subjects, sessions, progress=not args.no_progress)
     print(f"pretrained model: {model_dir}")
     return 0
+
+
+def _entity_selection(pairs: list[str]) -> dict[str, str] | None:
+    """``--select task=nsd --select acq=mb`` as ``{"task": "nsd", "acq": "mb"}``."""
+    from rtdecoder.errors import ConfigError
+
+    selection = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not (sep and key.strip() and value.strip()):
+            raise ConfigError(f"--select: expected ENTITY=VALUE, e.g. task=nsd (got {pair!r})")
+        selection[key.strip()] = value.strip()
+    return selection or None

@@ -152,6 +152,26 @@ class GLMConfig(Section):
         DEFAULT_FRACRIDGE_FRACTIONS,
         description="candidate fractions of the OLS betas' norm, each in (0, 1]; must hold 1 (OLS)",
     )
+    slice_time_ref_s: float | Literal["auto"] = Field(
+        "auto",
+        description="time within the TR that a volume's sample stands for, s (nilearn's slice_time_ref * t_r): "
+        "'auto' takes the median slice acquisition time of the run's first volume (0 when the volumes carry "
+        "no slice times), or a number of seconds, 0 to the TR; calibration and the live GLM use the same rule "
+        "(rtdecoder.glm.design.slice_time_ref_from)",
+    )
+
+    @field_validator("slice_time_ref_s", mode="before")
+    @classmethod
+    def _auto_or_seconds(cls, value: Any) -> Any:
+        # Before pydantic's own union check, so that a wrong value gets one message at the key's path.
+        expected = "expected 'auto' or a time within the TR in seconds, >= 0 (the TR is checked against the volumes)"
+        if isinstance(value, str):
+            if value != "auto":
+                raise ValueError(expected)
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < float("inf"):
+            raise ValueError(expected)
+        return float(value)
 
     @field_validator("fracridge_fractions")
     @classmethod
@@ -316,7 +336,19 @@ class SessionConfig(Section):
     )
     reconstruct: bool = True
     retrieval_top_k: int = Field(5, ge=1)
-    idle_timeout_s: float = Field(60.0, gt=0.0, description="end the run when no volume came for this long")
+    idle_timeout_s: float = Field(
+        60.0, gt=0.0, description="end the run when no volume came for this long (counted from its first volume)"
+    )
+    run_tail_s: float = Field(
+        16.0, ge=0.0, description="without n_volumes, a run with events ends this long after its last trial's end"
+    )
+    reference_index: int = Field(
+        3, ge=0, description="without a bundle or --reference: the first run's volume that becomes the "
+        "motion reference (the first volumes are not at steady state; those before it wait for it)"
+    )
+    max_run_volumes: int = Field(
+        4000, ge=1, description="without n_volumes or events, the longest run the GLM is planned for"
+    )
     heartbeat_s: float = Field(1.0, gt=0.0, description="status message period while nothing else is sent")
     journal_fsync: bool = True
 

@@ -3,6 +3,10 @@
 Every error a user can cause derives from :class:`DecoderError`, so the command line can print it
 as one line and exit non-zero instead of showing a traceback. Messages name the file, the field
 and what was expected.
+
+The errors about a bad value (:class:`ConfigError`, :class:`VolumeError`, :class:`BundleError`,
+:class:`ProtocolError`) are :class:`ValueError` too, so a library caller can catch either the
+rtdecoder root or the standard exception it already handles.
 """
 
 from __future__ import annotations
@@ -12,11 +16,11 @@ class DecoderError(Exception):
     """Root of every error rtdecoder raises about its inputs or state."""
 
 
-class ConfigError(DecoderError):
+class ConfigError(DecoderError, ValueError):
     """A configuration file or value is wrong (unknown key, wrong type, value out of range)."""
 
 
-class VolumeError(DecoderError):
+class VolumeError(DecoderError, ValueError):
     """A volume file cannot be read or does not match the run (shape, TR, orientation)."""
 
 
@@ -24,13 +28,25 @@ class IncompleteVolumeError(VolumeError):
     """A volume file is not completely written yet; try again later."""
 
 
-class BundleError(DecoderError):
+class BundleError(DecoderError, ValueError):
     """A subject bundle or model folder is missing a file or does not match the session."""
 
 
-class ProtocolError(DecoderError):
+class ProtocolError(DecoderError, ValueError):
     """A message on the control or result sockets does not follow the protocol."""
 
 
 class OrderError(DecoderError):
     """A stateful object was used out of order (for example, read before it was started)."""
+
+
+class JournalError(DecoderError):
+    """A session journal is damaged before its end, or was written in a format this version cannot append to.
+
+    The file is left as it is; the message names it, says where the damage is and how to go on
+    (move the file aside and start a new ``--session-dir``).
+    """
+
+
+class PublisherError(DecoderError):
+    """The publisher's control thread stopped: control requests are no longer answered."""

@@ -103,13 +103,15 @@ def test_live_front_end_reproduces_calibration_betas(session, betas) -> None:
     motion = MotionCorrector(10, 0.005, 2000).set_reference(betas.reference, mask.affine)
     normaliser = OnlineNormaliser.from_stats(betas.signal_mean, betas.signal_mean / 100.0)
     simulated = truth[1]
-    glm = IncrementalGLM.from_config(config.glm, simulated.trials, simulated.tr_s, simulated.volumes.shape[3],
-                                     hrf_per_voxel=betas.hrf_index)
-    frontend = FrontEnd(mask, glm, normaliser, motion).start()
     runs = find_runs(root)
     from calibration.betas import read_run_volumes
 
-    for volume in read_run_volumes(runs[1]):
+    volumes = read_run_volumes(runs[1])
+    # The slice-time reference as the live session takes it: from the run's first volume.
+    glm = IncrementalGLM.from_config(config.glm, simulated.trials, simulated.tr_s, simulated.volumes.shape[3],
+                                     slice_times_s=volumes[0].slice_times_s, hrf_per_voxel=betas.hrf_index)
+    frontend = FrontEnd(mask, glm, normaliser, motion).start()
+    for volume in volumes:
         frontend.process(volume)
     live = np.stack([b.beta for b in frontend.finish()])
     np.testing.assert_allclose(live, betas.betas[12:], rtol=1e-3, atol=1e-3)

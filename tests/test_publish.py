@@ -8,6 +8,7 @@ import pytest
 from rtdecoder.config import PublishConfig
 from rtdecoder.errors import ConfigError, ProtocolError
 from rtdecoder.publish.client import ControlClient, ResultSubscriber
+from rtdecoder.publish.control import OnsetRequest
 from rtdecoder.publish.keys import make_keys
 from rtdecoder.publish.messages import SCHEMA_VERSION, Message, decode, encode, pack_map
 from rtdecoder.publish.publisher import ResultPublisher
@@ -94,7 +95,7 @@ def test_onset_requests_reach_the_session() -> None:
         with pytest.raises(ProtocolError, match="missing field 'onset_s'"):
             control.request("onset", trial_id="x")
         control.close()
-    assert onsets[0]["trial_id"] == "r01-t001" and onsets[0]["onset_s"] == 4.8
+    assert onsets == [OnsetRequest("r01-t001", 4.8, 0.0, "coffee-0001")]
 
 
 def test_resend_reaches_back_into_older_history() -> None:

@@ -29,7 +29,8 @@ from rtdecoder.publish.client import ResultSubscriber
 from rtdecoder.session import runner as runner_module
 from rtdecoder.session.journal import read_records
 from rtdecoder.session.report import write_report
-from rtdecoder.session.runner import JOURNAL_NAME, Decoded, LiveSession, RunPlan
+from rtdecoder.decode.protocol import Decoded
+from rtdecoder.session.runner import JOURNAL_NAME, LiveSession, RunPlan
 
 TR_S = 1.6
 N_VOLUMES = 36

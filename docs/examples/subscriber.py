@@ -3,7 +3,8 @@
     python subscriber.py --address tcp://127.0.0.1:5555 --control tcp://127.0.0.1:5556
 
 The wire format is in docs/protocol.md: two frames, [topic, msgpack body]. A gap in the sequence
-numbers (a late join, a dropped connection) is filled by asking the control socket to resend.
+numbers (a late join, a dropped connection) is filled by asking the control socket to resend,
+one page at a time.
 """
 
 from __future__ import annotations
@@ -40,6 +41,21 @@ def describe(message: dict) -> str:
     return f"status {data.get('state')}: {data.get('message', '')}"
 
 
+def fill_gap(control: zmq.Socket, from_seq: int, until_seq: int) -> None:
+    """Print the messages from_seq .. until_seq - 1, asking the control socket page by page."""
+    while from_seq < until_seq:
+        control.send(msgpack.packb({"cmd": "resend", "from_seq": from_seq, "until_seq": until_seq}))
+        reply = unpack(control.recv())
+        if not reply.get("ok"):
+            print("(resend refused:", reply.get("error"), ")")
+            return
+        for missed in reply["messages"]:
+            print("(resent)", describe(missed))
+        if not reply.get("more"):  # the session has nothing more before until_seq
+            return
+        from_seq = reply["next_seq"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--address", default="tcp://127.0.0.1:5555")
@@ -61,10 +77,7 @@ def main() -> None:
             _topic, body = sub.recv_multipart()
             message = unpack(body)
             if expected_seq is not None and message["seq"] > expected_seq:
-                control.send(msgpack.packb({"cmd": "resend", "from_seq": expected_seq}))
-                for missed in unpack(control.recv())["messages"]:
-                    if missed["seq"] < message["seq"]:
-                        print("(resent)", describe(missed))
+                fill_gap(control, expected_seq, message["seq"])
             print(f"#{message['seq']}", describe(message))
             expected_seq = message["seq"] + 1
     except KeyboardInterrupt:

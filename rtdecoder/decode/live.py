@@ -22,7 +22,7 @@ from rtdecoder.config import RTDecoderConfig
 from rtdecoder.decode.generators.base import Generator
 from rtdecoder.decode.retrieval import CandidateBank
 from rtdecoder.errors import BundleError
-from rtdecoder.session.runner import Decoded
+from rtdecoder.decode.protocol import Decoded
 
 logger = logging.getLogger(__name__)
 

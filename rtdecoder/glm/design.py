@@ -12,6 +12,9 @@ rounding error:
   first volume: ``tr_index * tr_s + slice_time_ref_s``, for *every scheduled volume of the run*.
   A missing volume keeps its frame time (its row is dropped from the fit, nothing is shifted);
   nilearn's equivalent is a design for the whole run fitted with ``sample_masks``.
+  ``slice_time_ref_s`` is nilearn's ``slice_time_ref * t_r``; :func:`slice_time_ref_from` gives it
+  from the ``glm.slice_time_ref_s`` setting and the volumes' slice times, for calibration and the
+  live session alike.
 - Trial regressors are built on an oversampled grid that starts ``-min_onset_s`` (24 s) before the
   first frame and ends one TR after the last, with ``rint`` of the nominal number of samples, then
   linearly interpolated at the frame times. The grid depends on the whole run's frame times, so a
@@ -24,6 +27,7 @@ rounding error:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -34,6 +38,10 @@ DEFAULT_OVERSAMPLING = 50
 DEFAULT_MIN_ONSET_S = -24.0
 DRIFT_MODELS = ("polynomial", "cosine")
 N_MOTION_PARAMS = 6
+#: ``glm.slice_time_ref_s`` value that takes the reference from the volumes' slice times.
+SLICE_TIME_REF_AUTO = "auto"
+# Slice times a little past the TR (rounding in a sidecar or a DICOM header, in ms) are accepted.
+_SLICE_TIME_TOLERANCE_S = 1e-3
 
 
 class TrialLike(Protocol):
@@ -84,6 +92,94 @@ def frame_times_s(n_volumes: int, tr_s: float, slice_time_ref_s: float = 0.0) ->
             f"slice_time_ref_s: expected a time within the TR, 0 to {tr_s} s (got {slice_time_ref_s!r})"
         )
     return np.linspace(slice_time_ref_s, (n_volumes - 1) * tr_s + slice_time_ref_s, n_volumes)
+
+
+def slice_time_ref_from(
+    config_value: float | str,
+    slice_times_s: np.ndarray | Sequence[float] | None,
+    tr_s: float,
+    source: str | Path | None = None,
+) -> float:
+    """Time within the TR that a volume's sample stands for, s, from ``glm.slice_time_ref_s``.
+
+    The one rule calibration (:func:`calibration.betas.estimate_session_betas`, from each run's
+    first volume) and the live session (from the run's first live volume) both apply, so that the
+    live GLM's design is the calibration's.
+
+    A GLM samples its regressors once per volume, but a slice-by-slice acquisition samples each
+    slice at its own time within the TR. With ``"auto"`` the reference is the median of the
+    volume's slice acquisition times: the time that minimises the mean absolute timing error over
+    the slices (so over voxels spread evenly over slices). For ``n`` slices spread evenly over the
+    TR this is ``(n - 1) / (2 n) * tr_s``, just before nilearn's ``slice_time_ref=0.5``
+    (``tr_s / 2``), which assumes the same middle but not the actual slice times. Volumes that
+    carry no slice times give 0 (the start of the volume, nilearn's default): nothing says when
+    their slices were acquired.
+
+    Parameters
+    ----------
+    config_value : float or "auto"
+        The ``glm.slice_time_ref_s`` setting: a time within the TR in s, or ``"auto"``.
+    slice_times_s : array-like of shape (nz,) or None
+        Acquisition time of each slice from the start of the volume, s
+        (:attr:`rtdecoder.ingest.volume.Volume.slice_times_s`); None when the volume has none.
+    tr_s : float
+        Repetition time, s.
+    source : str or Path, optional
+        The volume the slice times come from, named in errors.
+
+    Returns
+    -------
+    float
+        In ``[0, tr_s]``, s.
+
+    Raises
+    ------
+    ConfigError
+        If ``config_value`` is neither ``"auto"`` nor a time within the TR, or the slice times are
+        not finite times within the TR.
+
+    Examples
+    --------
+    >>> slice_time_ref_from("auto", [0.0, 1.5, 0.5, 2.0, 1.0], 2.5)  # 5 slices, interleaved
+    1.0
+    >>> slice_time_ref_from("auto", None, 1.6), slice_time_ref_from(0.8, [0.0, 0.8], 1.6)
+    (0.0, 0.8)
+    """
+    where = f"{source}: " if source is not None else ""
+    if not (isinstance(tr_s, (int, float)) and np.isfinite(tr_s) and tr_s > 0):
+        raise ConfigError(f"{where}tr_s: expected a positive repetition time in seconds (got {tr_s!r})")
+    if isinstance(config_value, str):
+        if config_value != SLICE_TIME_REF_AUTO:
+            raise ConfigError(
+                f"glm.slice_time_ref_s: expected {SLICE_TIME_REF_AUTO!r} or a time within the TR, 0 to {tr_s} s "
+                f"(got {config_value!r})"
+            )
+        if slice_times_s is None:
+            return 0.0
+        times_s = np.asarray(slice_times_s, dtype=np.float64)
+        if times_s.ndim != 1 or times_s.size == 0 or not np.all(np.isfinite(times_s)):
+            raise ConfigError(
+                f"{where}slice_times_s: expected one finite acquisition time per slice, s (got shape "
+                f"{times_s.shape}{'' if np.all(np.isfinite(times_s)) else ' with non-finite values'})"
+            )
+        if times_s.min() < -_SLICE_TIME_TOLERANCE_S or times_s.max() > tr_s + _SLICE_TIME_TOLERANCE_S:
+            raise ConfigError(
+                f"{where}slice_times_s: expected acquisition times within the TR, 0 to {tr_s} s from the "
+                f"volume's start (got {times_s.min():.6g} to {times_s.max():.6g} s; times in ms?)"
+            )
+        return float(np.clip(np.median(times_s), 0.0, tr_s))
+    if isinstance(config_value, bool) or not isinstance(config_value, (int, float, np.floating, np.integer)):
+        raise ConfigError(
+            f"glm.slice_time_ref_s: expected {SLICE_TIME_REF_AUTO!r} or a time within the TR, 0 to {tr_s} s "
+            f"(got {config_value!r})"
+        )
+    value_s = float(config_value)
+    if not 0.0 <= value_s <= tr_s:
+        raise ConfigError(
+            f"{where}glm.slice_time_ref_s: expected {SLICE_TIME_REF_AUTO!r} or a time within the TR, 0 to {tr_s} s "
+            f"(got {config_value!r})"
+        )
+    return value_s
 
 
 def oversampled_grid_s(

@@ -2,7 +2,11 @@
 
 A lab's own events file needs only ``onset`` and ``duration`` (seconds from the start of the run's
 first volume). ``trial_id``, ``stim_id``, ``stim_index`` and ``is_test`` are read when present;
-``trial_type`` is kept as written. The phantom world writes all of them.
+``trial_type`` is kept as written. The phantom world writes all of them. BIDS's own column for the
+image, ``stim_file`` (a path under the dataset's ``stimuli/``, e.g. ``images/nsd_00123.png``),
+names the trial's image when there is no ``stim_id``: the stim_id is the file's stem
+(``nsd_00123``), which is how :mod:`calibration.calibrate` looks images up
+(``<stim_id>.png``/``.jpg`` in its images folder).
 """
 
 from __future__ import annotations
@@ -10,12 +14,14 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from rtdecoder.errors import DecoderError
 
 REQUIRED_COLUMNS = ("onset", "duration")
 EVENTS_COLUMNS = ("onset", "duration", "trial_type", "stim_id", "stim_index", "trial_id", "is_test")
+#: BIDS's column for the stimulus file; read into ``stim_id`` (the file's stem) when ``stim_id`` is absent.
+STIM_FILE_COLUMN = "stim_file"
 
 
 class EventsFileError(DecoderError):
@@ -68,6 +74,9 @@ def write_events_tsv(trials: Sequence[Trial], path: str | Path) -> None:
 def read_events_tsv(path: str | Path) -> list[Trial]:
     """Read a BIDS ``events.tsv``; only ``onset`` and ``duration`` are required.
 
+    A row without a ``stim_id`` (no such column, or ``n/a``) takes the stem of its ``stim_file``
+    as its ``stim_id``, so that trials named by image file match the images by name.
+
     Raises
     ------
     EventsFileError
@@ -101,7 +110,7 @@ def read_events_tsv(path: str | Path) -> list[Trial]:
             trial_id=cell("trial_id") or f"trial-{len(trials) + 1:03d}",
             onset_s=_parse(path, line, "onset", cell("onset"), float),
             duration_s=_parse(path, line, "duration", cell("duration"), float),
-            stim_id=cell("stim_id"),
+            stim_id=cell("stim_id") or _stem_of(cell(STIM_FILE_COLUMN)),
             stim_index=_parse(path, line, "stim_index", cell("stim_index") or "-1", int),
             is_test=_parse(path, line, "is_test", cell("is_test") or "false", _boolean),
         ))
@@ -110,6 +119,14 @@ def read_events_tsv(path: str | Path) -> list[Trial]:
         duplicate = next(i for i in ids if ids.count(i) > 1)
         raise EventsFileError(f"{path}: column 'trial_id': {duplicate!r} appears twice; ids must be unique")
     return trials
+
+
+def _stem_of(stim_file: str | None) -> str | None:
+    """The file name without its last suffix, as :attr:`pathlib.PurePath.stem`: ``images/nsd_00123.png`` ->
+    ``nsd_00123`` (either slash). None stays None."""
+    if stim_file is None:
+        return None
+    return PurePosixPath(stim_file.replace("\\", "/")).stem or None
 
 
 def _boolean(text: str) -> bool:

@@ -70,6 +70,7 @@ from rtdecoder.glm.design import (
     TrialLike,
     drift_regressors,
     frame_times_s,
+    slice_time_ref_from,
     trial_regressors,
 )
 from rtdecoder.glm.hrf import DEFAULT_HRF_LENGTH_S, HRF_LIBRARY_SIZE, canonical_hrf
@@ -221,23 +222,38 @@ class IncrementalGLM:
         trials: Sequence[TrialLike],
         tr_s: float,
         n_volumes: int,
-        slice_time_ref_s: float = 0.0,
+        slice_time_ref_s: float | None = None,
         hrf_per_voxel: np.ndarray | None = None,
         hrf_library: np.ndarray | None = None,
+        slice_times_s: np.ndarray | None = None,
     ) -> IncrementalGLM:
         """An estimator with the settings of a ``glm:`` config section.
 
         Parameters
         ----------
         config : GLMConfig
-            The section (method, hrf, drift, motion, release settings).
-        trials, tr_s, n_volumes, slice_time_ref_s, hrf_per_voxel, hrf_library
+            The section (method, hrf, drift, motion, release settings, ``slice_time_ref_s``).
+        trials, tr_s, n_volumes, hrf_per_voxel, hrf_library
             As in :class:`IncrementalGLM`.
+        slice_time_ref_s : float, optional
+            Time within the TR that a volume's sample stands for, s, when already resolved (as
+            calibration stores it). Default: ``config.slice_time_ref_s`` resolved with
+            ``slice_times_s`` by :func:`~rtdecoder.glm.design.slice_time_ref_from`.
+        slice_times_s : ndarray of shape (nz,), optional
+            The run's first volume's slice acquisition times, s from the volume's start
+            (``Volume.slice_times_s``), for ``config.slice_time_ref_s = "auto"``; without them
+            ``"auto"`` is 0. Not with ``slice_time_ref_s``.
 
         Returns
         -------
         IncrementalGLM
             Not started.
+
+        Raises
+        ------
+        ConfigError
+            If both ``slice_time_ref_s`` and ``slice_times_s`` are given, or the reference is not
+            within the TR.
 
         Examples
         --------
@@ -245,7 +261,17 @@ class IncrementalGLM:
         >>> from rtdecoder.glm.events import Trial
         >>> IncrementalGLM.from_config(GLMConfig(), [Trial("a", 4.0, 3.0)], 1.6, 20).method
         'lss'
+        >>> IncrementalGLM.from_config(GLMConfig(), [Trial("a", 4.0, 3.0)], 1.6, 20,
+        ...                            slice_times_s=np.array([0.0, 1.0, 0.5, 1.5])).slice_time_ref_s
+        0.75
         """
+        if slice_time_ref_s is None:
+            slice_time_ref_s = slice_time_ref_from(config.slice_time_ref_s, slice_times_s, tr_s)
+        elif slice_times_s is not None:
+            raise ConfigError(
+                "from_config: slice_time_ref_s and slice_times_s: expected one of them (a resolved reference, "
+                "or the slice times glm.slice_time_ref_s is resolved with), not both"
+            )
         return cls(
             trials, tr_s, n_volumes, slice_time_ref_s=slice_time_ref_s, method=config.method,
             hrf=config.hrf, hrf_per_voxel=hrf_per_voxel, hrf_library=hrf_library,

@@ -25,6 +25,15 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from rtdecoder.errors import VolumeError
+from rtdecoder.ingest.dicom_fields import (
+    check_direction_cosines,
+    get_bytes,
+    get_integer,
+    get_number,
+    get_numbers,
+    get_strings,
+    label,
+)
 
 CSA_IMAGE_HEADER_TAG = 0x00291010
 CSA_SERIES_HEADER_TAG = 0x00291020
@@ -95,6 +104,8 @@ def parse_csa_header(raw: bytes, source: str | Path = "<bytes>") -> dict[str, li
         )
     try:
         (n_tags,) = struct.unpack_from("<I", raw, 8)
+        if n_tags > (len(raw) - 16) // _CSA_TAG_HEADER.size:
+            raise struct.error(f"{n_tags} tags cannot fit in {len(raw)} bytes")
         offset = 16
         tags: dict[str, list[str]] = {}
         for _ in range(n_tags):
@@ -116,9 +127,15 @@ def parse_csa_header(raw: bytes, source: str | Path = "<bytes>") -> dict[str, li
     return tags
 
 
-def is_mosaic(ds: Dataset) -> bool:
-    """Whether a single-frame DICOM dataset is a Siemens MOSAIC (by its ImageType)."""
-    return "MOSAIC" in [str(v).upper() for v in ds.get("ImageType", [])]
+def is_mosaic(ds: Dataset, source: str | Path = "<dataset>") -> bool:
+    """Whether a single-frame DICOM dataset is a Siemens MOSAIC (by its ImageType).
+
+    Raises
+    ------
+    VolumeError
+        When ``ImageType`` cannot be decoded.
+    """
+    return "MOSAIC" in [v.upper() for v in get_strings(ds, "ImageType", source)]
 
 
 def mosaic_layout(ds: Dataset, source: str | Path) -> MosaicLayout:
@@ -140,29 +157,44 @@ def mosaic_layout(ds: Dataset, source: str | Path) -> MosaicLayout:
     VolumeError
         When the CSA header or a geometry attribute is missing or inconsistent.
     """
-    if CSA_IMAGE_HEADER_TAG not in ds:
+    raw_csa = get_bytes(ds, CSA_IMAGE_HEADER_TAG, source, "CSA image header")
+    if raw_csa is None:
         raise VolumeError(f"{source}: (0029,1010) CSA image header: missing; a mosaic needs it")
-    csa = parse_csa_header(bytes(ds[CSA_IMAGE_HEADER_TAG].value), source)
+    csa = parse_csa_header(raw_csa, source)
     n_slices = _csa_int(csa, "NumberOfImagesInMosaic", source)
-    rows, cols = int(_required(ds, "Rows", source)), int(_required(ds, "Columns", source))
+    rows, cols = _required_integer(ds, "Rows", source), _required_integer(ds, "Columns", source)
+    if n_slices < 1 or n_slices > rows * cols:
+        raise VolumeError(
+            f"{source}: CSA NumberOfImagesInMosaic: expected 1 to Rows x Columns ({rows * cols}) slices "
+            f"(got {n_slices})"
+        )
     n_across = int(np.ceil(np.sqrt(n_slices)))
-    if n_slices < 1 or rows % n_across or cols % n_across:
+    if rows % n_across or cols % n_across:
         raise VolumeError(
             f"{source}: NumberOfImagesInMosaic: {n_slices} slices need a {n_across}x{n_across} "
             f"grid, which does not divide the {rows}x{cols} image"
         )
     tile_rows, tile_cols = rows // n_across, cols // n_across
 
-    orientation = np.asarray(_required(ds, "ImageOrientationPatient", source), dtype=float)
+    orientation = _required_numbers(ds, "ImageOrientationPatient", 6, source)
+    check_direction_cosines(orientation, source, label("ImageOrientationPatient"))
     row_dir, col_dir = orientation[:3], orientation[3:]  # LPS; along columns, along rows
-    row_spacing_mm, col_spacing_mm = (float(v) for v in _required(ds, "PixelSpacing", source))
+    row_spacing_mm, col_spacing_mm = (float(v) for v in _required_numbers(ds, "PixelSpacing", 2, source, positive=True))
     stack_dir = np.cross(row_dir, col_dir)
     normal = _slice_normal(ds, csa, stack_dir, source)
     tile_order = "FH" if float(normal @ stack_dir) > 0 else "HF"
-    slice_spacing_mm = float(ds.get("SpacingBetweenSlices") or _required(ds, "SliceThickness", source))
+    slice_spacing_mm = get_number(ds, "SpacingBetweenSlices", source) or _required_numbers(
+        ds, "SliceThickness", 1, source
+    )[0]
+    if not slice_spacing_mm > 0:
+        raise VolumeError(
+            f"{source}: {label('SpacingBetweenSlices')} / {label('SliceThickness')}: expected a slice spacing "
+            f"> 0 mm (got {slice_spacing_mm})"
+        )
+    slice_spacing_mm = float(slice_spacing_mm)
 
     # IPP describes a slice as large as the mosaic, centred like the real one.
-    mosaic_corner = np.asarray(_required(ds, "ImagePositionPatient", source), dtype=float)
+    mosaic_corner = _required_numbers(ds, "ImagePositionPatient", 3, source)
     first_corner = (
         mosaic_corner
         + row_dir * col_spacing_mm * (cols - tile_cols) / 2
@@ -176,7 +208,7 @@ def mosaic_layout(ds: Dataset, source: str | Path) -> MosaicLayout:
 
     slice_times_s = None
     if csa.get("MosaicRefAcqTimes"):
-        slice_times_s = np.asarray(csa["MosaicRefAcqTimes"], dtype=float) / 1000.0
+        slice_times_s = _csa_numbers(csa, "MosaicRefAcqTimes", source) / 1000.0
         if slice_times_s.shape != (n_slices,):
             raise VolumeError(
                 f"{source}: CSA MosaicRefAcqTimes: expected {n_slices} values "
@@ -239,7 +271,7 @@ def _slice_normal(
     """Unit vector (LPS) in which tiles advance: the CSA's, else the protocol's flag."""
     values = csa.get("SliceNormalVector")
     if values:
-        normal = np.asarray(values, dtype=float)
+        normal = _csa_numbers(csa, "SliceNormalVector", source)
         length = float(np.linalg.norm(normal))
         if normal.shape != (3,) or abs(length - 1.0) > 1e-3:
             raise VolumeError(f"{source}: CSA SliceNormalVector: expected a unit 3-vector (got {values})")
@@ -250,7 +282,7 @@ def _slice_normal(
             )
         return normal / length
     # Without the vector, the protocol (ascconv) says whether the image numbering is reversed.
-    series_header = bytes(ds[CSA_SERIES_HEADER_TAG].value) if CSA_SERIES_HEADER_TAG in ds else b""
+    series_header = get_bytes(ds, CSA_SERIES_HEADER_TAG, source, "CSA series header") or b""
     return -stack_dir if _ASCCONV_REVERSED.search(series_header) else stack_dir
 
 
@@ -259,13 +291,33 @@ def _csa_int(csa: dict[str, list[str]], name: str, source: str | Path) -> int:
     if not values:
         raise VolumeError(f"{source}: CSA image header: {name} missing or empty")
     try:
-        return int(float(values[0]))
-    except ValueError:
+        number = float(values[0])
+        if not number.is_integer():
+            raise ValueError(values[0])
+        return int(number)
+    except (ValueError, OverflowError):
         raise VolumeError(f"{source}: CSA {name}: expected an integer (got {values[0]!r})") from None
 
 
-def _required(ds: Dataset, keyword: str, source: str | Path):
-    value = ds.get(keyword)
-    if value is None or value == "":
-        raise VolumeError(f"{source}: {keyword}: missing; needed for the volume's geometry")
+def _csa_numbers(csa: dict[str, list[str]], name: str, source: str | Path) -> np.ndarray:
+    try:
+        numbers = np.array([float(v) for v in csa[name]], dtype=float)
+    except (ValueError, OverflowError):
+        numbers = np.array([np.nan])
+    if not np.all(np.isfinite(numbers)):
+        raise VolumeError(f"{source}: CSA {name}: expected finite numbers (got {csa[name][:8]})")
+    return numbers
+
+
+def _required_numbers(ds: Dataset, keyword: str, count: int, source: str | Path, positive: bool = False) -> np.ndarray:
+    value = get_numbers(ds, keyword, source, count=count, positive=positive)
+    if value is None:
+        raise VolumeError(f"{source}: {label(keyword)}: missing; needed for the volume's geometry")
+    return value
+
+
+def _required_integer(ds: Dataset, keyword: str, source: str | Path) -> int:
+    value = get_integer(ds, keyword, source, minimum=1)
+    if value is None:
+        raise VolumeError(f"{source}: {label(keyword)}: missing; needed for the volume's geometry")
     return value

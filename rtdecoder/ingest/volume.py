@@ -58,6 +58,17 @@ class Volume:
         The file it was read from.
     times : VolumeTimes
         Timestamps for the latency report.
+    tr_source : str
+        Where ``tr_s`` came from: ``"header"`` (the file's own header: DICOM ``RepetitionTime``,
+        NIfTI ``pixdim[4]``), ``"sidecar"`` (a BIDS JSON's ``RepetitionTime``) or ``"default"``
+        (the run's TR from the configuration, for a file that carries none). The session compares
+        the volumes' TR with its configuration; only a ``"default"`` TR is the configuration's own.
+    index_source : str
+        Where ``index`` came from: ``"header"`` (DICOM ``AcquisitionNumber``/``InstanceNumber``),
+        ``"volume"`` (position in a 4D NIfTI), ``"sidecar"`` (``AcquisitionNumber`` in a BIDS JSON),
+        ``"spm"`` / ``"dcm2niix"`` (a converter's 1-based number in the file name), ``"name"`` (a
+        generic number at the end of the file name, numbered from 0 or 1 as the run decides: see
+        :class:`rtdecoder.ingest.ordering.RunNumbering`) or ``"hint"`` (the caller's index hint).
     """
 
     data: np.ndarray
@@ -68,6 +79,8 @@ class Volume:
     series: str = ""
     source: Path | None = None
     times: VolumeTimes = field(default_factory=VolumeTimes)
+    tr_source: str = "header"
+    index_source: str = "header"
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -11,6 +11,12 @@ Two layers, so the logic can be tested without threads or sleeping:
   inotify stays silent) whose events a worker thread feeds into the collector. Volumes come out
   of :meth:`FolderWatcher.get` in arrival order; :mod:`rtdecoder.ingest.ordering` puts them in
   acquisition order.
+
+Each volume leaves the collector with its 0-based index in its run: a
+:class:`~rtdecoder.ingest.ordering.RunNumbering` maps NIfTI files numbered from 1 (or from 0) by
+their names, deciding each run's base from its first file. A file whose number cannot be mapped
+is a :class:`FileProblem`; it is read again once a run's base gets decided by another file.
+NIfTI files without a TR take the run's TR (``default_tr_s``) when given.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from watchdog.observers.polling import PollingObserver
 
 from rtdecoder.errors import IncompleteVolumeError, OrderError, VolumeError
 from rtdecoder.ingest.nifti import is_nifti, is_nifti_series
+from rtdecoder.ingest.ordering import RunNumbering
 from rtdecoder.ingest.readers import read_volume
 from rtdecoder.ingest.volume import Volume
 
@@ -66,6 +73,7 @@ class _Pending:
     seen_s: float | None  # None: a growing file with no change since its last volume
     next_volume: int = 0  # volumes already taken from a growing 4D NIfTI
     reported: bool = False
+    numbering_failed: tuple[Path, str] | None = None  # (folder, series) whose numbering refused it
 
 
 def is_volume_file(path: str | Path) -> bool:
@@ -83,25 +91,35 @@ class VolumeCollector:
         How long after it was first seen a file may stay incomplete before it is reported.
     clock : callable returning float, default=time.time
         Epoch seconds; stamps ``Volume.times.seen_s`` and ``complete_s``.
-    read : callable, default=read_volume
+    read : callable, optional
         ``read(path, index_hint) -> Volume``; raises IncompleteVolumeError or VolumeError.
+        Default :func:`~rtdecoder.ingest.readers.read_volume` with ``default_tr_s``; a reader
+        given here takes care of the TR itself.
     on_volume : callable, optional
         Called with each volume taken.
     on_problem : callable, optional
         Called with each :class:`FileProblem`.
+    default_tr_s : float, optional
+        The run's TR in s, for NIfTI files that carry none (``Volume.tr_source == "default"``).
+    numbering : RunNumbering, optional
+        Maps each volume to its 0-based index in its run; a new one by default.
     """
 
     def __init__(
         self,
         incomplete_timeout_s: float = 10.0,
         clock: Callable[[], float] = time.time,
-        read: Callable[[Path, int | None], Volume] = read_volume,
+        read: Callable[[Path, int | None], Volume] | None = None,
         on_volume: Callable[[Volume], None] | None = None,
         on_problem: Callable[[FileProblem], None] | None = None,
+        default_tr_s: float | None = None,
+        numbering: RunNumbering | None = None,
     ) -> None:
         self.incomplete_timeout_s = incomplete_timeout_s
         self.clock = clock
-        self.read = read
+        self.default_tr_s = default_tr_s
+        self.read = read if read is not None else self._read_volume
+        self.numbering = numbering if numbering is not None else RunNumbering()
         self.on_volume = on_volume
         self.on_problem = on_problem
         self.volumes_: list[Volume] = []
@@ -109,6 +127,9 @@ class VolumeCollector:
         self._pending: dict[Path, _Pending] = {}  # files not (or not yet fully) taken
         self._growing: dict[Path, _Pending] = {}  # 4D NIfTI files that may get more volumes
         self._done: set[Path] = set()
+
+    def _read_volume(self, path: Path, index_hint: int | None) -> Volume:
+        return read_volume(path, index_hint, default_tr_s=self.default_tr_s)
 
     @property
     def pending_paths(self) -> list[Path]:
@@ -181,6 +202,15 @@ class VolumeCollector:
             except VolumeError as err:
                 self._report(path, state, err)
                 return taken
+            n_decided = self.numbering.n_decided
+            try:
+                self.numbering.assign(volume)
+            except VolumeError as err:
+                state.numbering_failed = (path.parent, volume.series)
+                self._report(path, state, err)
+                return taken
+            if self.numbering.n_decided > n_decided:
+                self._retry_numbering_failures((path.parent, volume.series))
             volume.times.seen_s = state.seen_s
             volume.times.complete_s = self.clock()
             taken.append(volume)
@@ -208,6 +238,13 @@ class VolumeCollector:
         self._growing[path] = state
         self._pending.pop(path, None)
         return True
+
+    def _retry_numbering_failures(self, run: tuple[Path, str]) -> None:
+        # A file refused while its run's base was undecided (it arrived before the run's first
+        # file) can be numbered now: retry_pending reads it again instead of leaving it reported.
+        for state in self._pending.values():
+            if state.numbering_failed == run:
+                state.numbering_failed, state.reported = None, False
 
     def _check_timeout(self, path: Path, state: _Pending, err: VolumeError) -> None:
         if not state.reported and self.clock() - state.seen_s >= self.incomplete_timeout_s:
@@ -241,7 +278,7 @@ class FolderWatcher:
     Parameters
     ----------
     folder : str or Path
-        The export folder (not recursive).
+        The export folder.
     watch_mode : {"inotify", "polling"}, default="inotify"
         "polling" compares directory listings every ``poll_interval_s``; needed on network
         shares written by another machine, where inotify never fires.
@@ -251,7 +288,11 @@ class FolderWatcher:
         See :class:`VolumeCollector`.
     include_existing : bool, default=False
         Also take files already in the folder at :meth:`start`.
+    recursive : bool, default=False
+        Watch sub-folders too (a scanner or converter that writes each series into a folder of its own).
     clock : callable returning float, default=time.time
+    default_tr_s : float, optional
+        The run's TR in s (``--tr-s`` / ``scanner.tr_s``), for NIfTI files that carry none.
 
     Examples
     --------
@@ -269,13 +310,17 @@ class FolderWatcher:
         poll_interval_s: float = 0.02,
         incomplete_timeout_s: float = 10.0,
         include_existing: bool = False,
+        recursive: bool = False,
         clock: Callable[[], float] = time.time,
+        default_tr_s: float | None = None,
     ) -> None:
         self.folder = Path(folder)
+        self.default_tr_s = default_tr_s
         self.watch_mode = watch_mode
         self.poll_interval_s = poll_interval_s
         self.incomplete_timeout_s = incomplete_timeout_s
         self.include_existing = include_existing
+        self.recursive = recursive
         self.clock = clock
         self.problems: queue.SimpleQueue[FileProblem] = queue.SimpleQueue()
         self._volumes: queue.SimpleQueue[Volume] = queue.SimpleQueue()
@@ -321,18 +366,18 @@ class FolderWatcher:
             clock=self.clock,
             on_volume=self._volumes.put,
             on_problem=self.problems.put,
+            default_tr_s=self.default_tr_s,
         )
         observer = (
             PollingObserver(timeout=self.poll_interval_s)
             if self.watch_mode == "polling"
             else Observer(timeout=self.poll_interval_s)
         )
-        observer.schedule(_EventForwarder(self._paths), str(self.folder), recursive=False)
+        observer.schedule(_EventForwarder(self._paths), str(self.folder), recursive=self.recursive)
         observer.start()  # before listing the folder, so no file falls between the two
         if self.include_existing:
-            for entry in sorted(os.scandir(self.folder), key=lambda e: e.name):
-                if entry.is_file():
-                    self._paths.put(Path(entry.path))
+            for path in self._existing_files():
+                self._paths.put(path)
         self._observer = observer
         self._stop.clear()
         self._thread = threading.Thread(
@@ -341,6 +386,16 @@ class FolderWatcher:
         self._thread.start()
         logger.info("watching %s (%s)", self.folder, self.watch_mode)
         return self
+
+    def _existing_files(self) -> list[Path]:
+        """Files already in the folder (and its sub-folders when recursive), folder by folder in name order."""
+        if not self.recursive:
+            return [Path(e.path) for e in sorted(os.scandir(self.folder), key=lambda e: e.name) if e.is_file()]
+        found = []
+        for root, dirs, files in os.walk(self.folder):
+            dirs.sort()
+            found += [Path(root) / name for name in sorted(files)]
+        return found
 
     def get(self, timeout_s: float | None = None) -> Volume | None:
         """Next complete volume in arrival order, or ``None`` after ``timeout_s`` seconds."""

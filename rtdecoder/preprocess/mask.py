@@ -5,6 +5,17 @@ checks that incoming volumes lie on the same grid and gives the voxel indices
 (:attr:`VoxelMask.ijk`) that motion correction samples. :class:`OnlineNormaliser` turns a masked
 volume into per-voxel z-scores.
 
+Voxel order
+-----------
+A mask or a volume on the same grid stored in another voxel order (SPM, FSL and dcm2niix reverse
+the DICOM's second axis) is the same voxels: :meth:`VoxelMask.on_grid` brings a mask into a
+reference's order, :meth:`VoxelMask.grid_transform` gives the transform
+(:mod:`rtdecoder.preprocess.orientation`) that brings such a volume into the mask's order and
+:meth:`VoxelMask.volume_values` applies it. :meth:`VoxelMask.check_volume` stays strict (same
+grid and same voxel order, as ``volume.data[mask.grid]`` needs) and says which of these to use.
+A mask on another grid, or in another space, is an error here; registering or resampling it is
+:mod:`rtdecoder.preprocess.registration`'s job.
+
 Normalisation
 -------------
 The decoder was trained on betas of voxels z-scored with the calibration session's statistics,
@@ -21,12 +32,16 @@ a calibration run and loaded as fixed statistics later. Standard deviations are 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from rtdecoder.errors import BundleError, OrderError, VolumeError
 from rtdecoder.ingest.volume import Volume
+from rtdecoder.preprocess.orientation import GridTransform, describe_grid, find_grid_transform, match_grid
+
+logger = logging.getLogger(__name__)
 
 _AFFINE_TOLERANCE_MM = 1e-3
 STATS_FORMAT_VERSION = 1
@@ -43,11 +58,15 @@ class VoxelMask:
         Voxel-to-world (RAS+, mm) transform of the grid.
     source : str or Path, optional
         Where the mask came from, named in error messages.
+    provenance : dict, optional
+        How the mask reached this grid (JSON-ready; e.g. ``{"method": "registered", ...}`` from
+        :func:`rtdecoder.preprocess.registration.mask_to_reference`); recorded in the bundle.
 
     Attributes
     ----------
     ijk : ndarray of shape (n_voxels, 3), intp
         Indices of the voxels, in C order of the grid (the order of every masked vector).
+    provenance : dict
 
     Examples
     --------
@@ -57,8 +76,15 @@ class VoxelMask:
     [[0, 0, 1], [1, 2, 3]]
     """
 
-    def __init__(self, grid: np.ndarray, affine: np.ndarray, source: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        grid: np.ndarray,
+        affine: np.ndarray,
+        source: str | Path | None = None,
+        provenance: dict | None = None,
+    ) -> None:
         self.source = str(source) if source is not None else "<array mask>"
+        self.provenance = dict(provenance) if provenance else {"file": self.source, "method": "as given"}
         grid = np.asarray(grid)
         if grid.ndim != 3:
             raise VolumeError(f"{self.source}: mask: expected a 3D grid (got shape {grid.shape})")
@@ -76,13 +102,26 @@ class VoxelMask:
         self.ijk.flags.writeable = False
 
     @classmethod
-    def from_nifti(cls, path: str | Path) -> VoxelMask:
-        """Read a mask from a NIfTI file of 0/1 values.
+    def from_nifti(
+        cls,
+        path: str | Path,
+        reference_shape: tuple[int, ...] | None = None,
+        reference_affine: np.ndarray | None = None,
+        reference: str = "the reference grid",
+    ) -> VoxelMask:
+        """Read a mask from a NIfTI file of 0/1 values, optionally onto a reference grid.
 
         Parameters
         ----------
         path : str or Path
             A 3D NIfTI image (a 4D one with a single volume is accepted).
+        reference_shape : tuple of int, optional
+            ``(nx, ny, nz)`` of the grid the mask must be on; with ``reference_affine``, the mask
+            is brought into that grid's voxel order (:meth:`on_grid`; an error on another grid).
+        reference_affine : ndarray of shape (4, 4), optional
+            Voxel-to-world (RAS+, mm) of that grid.
+        reference : str, default="the reference grid"
+            Named in messages.
 
         Returns
         -------
@@ -105,7 +144,10 @@ class VoxelMask:
                 f"{path}: mask: expected only 0 and 1 values (got values in "
                 f"[{data.min()}, {data.max()}]; threshold a probabilistic map first)"
             )
-        return cls(data.astype(bool), image.affine, source=path)
+        mask = cls(data.astype(bool), image.affine, source=path)
+        if reference_shape is None or reference_affine is None:
+            return mask
+        return mask.on_grid(reference_shape, reference_affine, reference)
 
     def to_nifti(self, path: str | Path) -> None:
         """Write the mask as a uint8 NIfTI image with its affine."""
@@ -126,8 +168,99 @@ class VoxelMask:
         """Number of voxels in the mask."""
         return len(self.ijk)
 
+    def on_grid(
+        self,
+        shape: tuple[int, ...],
+        affine: np.ndarray,
+        target: str = "the reference grid",
+        hint: str = "",
+    ) -> VoxelMask:
+        """This mask in the voxel order of a reference grid that is the same grid stored another way.
+
+        Parameters
+        ----------
+        shape : tuple of int
+            ``(nx, ny, nz)`` of the reference.
+        affine : ndarray of shape (4, 4)
+            Voxel-to-world (RAS+, mm) of the reference; the returned mask takes it exactly.
+        target : str, default="the reference grid"
+            Named in messages (e.g. ``"the motion reference (run-01/vol_00100.nii)"``).
+        hint : str, optional
+            Appended to the error (what to do with a mask on another grid).
+
+        Returns
+        -------
+        VoxelMask
+            ``self`` when already in the reference's order; otherwise the reoriented mask (logged
+            once at INFO, naming the file and the transform).
+
+        Raises
+        ------
+        VolumeError
+            Naming the mask's file, both grids and the largest difference in mm, when the mask is
+            not on the reference grid up to the order and direction of its voxel axes.
+        """
+        affine = np.asarray(affine, dtype=np.float64)
+        transform = match_grid(self.shape, self.affine, shape, affine, f"{self.source}: mask", target, hint=hint)
+        if transform.is_identity and np.array_equal(affine, self.affine):
+            return self
+        provenance = dict(self.provenance)
+        if not transform.is_identity:
+            logger.info(
+                "%s: mask on the grid of %s in another voxel order; reoriented (target axes = file axes %s, "
+                "minus: reversed)", self.source, target, transform.describe(),
+            )
+            provenance["reoriented"] = transform.describe()
+        return VoxelMask(
+            np.ascontiguousarray(transform.apply(self.grid)), affine, source=self.source, provenance=provenance
+        )
+
+    def grid_transform(self, volume: Volume) -> GridTransform:
+        """How a volume on the mask's grid, in any voxel order, maps into the mask's voxel order.
+
+        Parameters
+        ----------
+        volume : Volume
+
+        Returns
+        -------
+        GridTransform
+            The identity when the volume is in the mask's order; apply it to the volume's data
+            before indexing with the mask (:meth:`volume_values` does).
+
+        Raises
+        ------
+        VolumeError
+            Naming the volume's file, the mask's source, both grids and the mismatch (shape, or
+            affine with the largest difference in mm), when the volume is on another grid.
+        """
+        where = str(volume.source) if volume.source is not None else f"volume {volume.index}"
+        affine = np.asarray(volume.affine, dtype=np.float64)
+        shape = tuple(volume.data.shape)
+        if affine.shape != (4, 4):
+            raise VolumeError(f"{where}: affine: expected a (4, 4) matrix (got shape {affine.shape})")
+        match = find_grid_transform(shape, affine, self.shape, self.affine)
+        if match.matches(_AFFINE_TOLERANCE_MM):
+            return match.transform
+        grids = f"volume grid {describe_grid(shape, affine)}, mask grid {describe_grid(self.shape, self.affine)}"
+        if not match.shape_matches:
+            raise VolumeError(
+                f"{where}: data: shape {shape} does not match the mask {self.source} (expected {self.shape}); "
+                f"{grids}"
+            )
+        raise VolumeError(
+            f"{where}: affine: does not match the mask {self.source} ({grids}; expected the same voxels up to "
+            f"the order and direction of the voxel axes within {_AFFINE_TOLERANCE_MM} mm; largest difference "
+            f"{match.difference_mm:.4g} mm); the mask must be in the reference space of this run"
+        )
+
     def check_volume(self, volume: Volume) -> None:
-        """Raise if a volume is not on the mask's grid.
+        """Raise unless a volume's data can be indexed with this mask as it is.
+
+        The volume must be on the mask's grid in the mask's voxel order, because callers read
+        ``volume.data[mask.grid]`` next. The same grid in another voxel order is an error that
+        says so and what to use instead: :meth:`grid_transform` / :meth:`volume_values` for the
+        volume, or :meth:`on_grid` to bring the mask into the volume's order.
 
         Parameters
         ----------
@@ -136,24 +269,30 @@ class VoxelMask:
         Raises
         ------
         VolumeError
-            Naming the volume's file, the mask's source and the mismatch (shape or affine).
+            Naming the volume's file, the mask's source, both grids and the mismatch.
         """
-        where = str(volume.source) if volume.source is not None else f"volume {volume.index}"
-        if tuple(volume.data.shape) != self.shape:
+        transform = self.grid_transform(volume)
+        if not transform.is_identity:
+            where = str(volume.source) if volume.source is not None else f"volume {volume.index}"
             raise VolumeError(
-                f"{where}: data: shape {tuple(volume.data.shape)} does not match the mask "
-                f"{self.source} (expected {self.shape})"
+                f"{where}: data: on the grid of the mask {self.source} but in another voxel order (mask axes = "
+                f"volume axes {transform.describe()}, minus: reversed); reorient the volume "
+                "(VoxelMask.volume_values, rtdecoder.preprocess.orientation.VolumeReorienter) or the mask "
+                "(VoxelMask.on_grid) before reading it"
             )
-        affine = np.asarray(volume.affine, dtype=np.float64)
-        if affine.shape != (4, 4) or not np.allclose(affine, self.affine, atol=_AFFINE_TOLERANCE_MM):
-            difference = (
-                f"{np.abs(affine - self.affine).max():.4g} mm" if affine.shape == (4, 4) else f"shape {affine.shape}"
-            )
-            raise VolumeError(
-                f"{where}: affine: does not match the mask {self.source} (expected the same "
-                f"voxel-to-world matrix within {_AFFINE_TOLERANCE_MM} mm; largest difference "
-                f"{difference}); the mask must be in the reference space of this run"
-            )
+
+    def volume_values(self, volume: Volume) -> np.ndarray:
+        """The mask voxels of a volume on the mask's grid (any voxel order), without motion correction.
+
+        Parameters
+        ----------
+        volume : Volume
+
+        Returns
+        -------
+        ndarray of shape (n_voxels,), float32
+        """
+        return self.values(self.grid_transform(volume).apply(volume.data))
 
     def values(self, data: np.ndarray) -> np.ndarray:
         """The mask voxels of a volume on the same grid, without motion correction.

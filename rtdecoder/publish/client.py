@@ -6,7 +6,7 @@ it needs; docs/protocol.md describes the wire format completely).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,18 @@ class ResultSubscriber:
 
 
 class ControlClient:
-    """Asks the session's control socket for status and history, and announces trial onsets."""
+    """Asks the session's control socket for status and history, and announces trial onsets.
+
+    Parameters
+    ----------
+    address : str
+        The session's control address, e.g. ``tcp://127.0.0.1:5556``.
+    encoding : {"msgpack", "json"}
+    timeout_s : float, default=5.0
+        How long to wait for each reply.
+    client_secret_file, server_public_file : Path, optional
+        CURVE keys (``rtdecoder keys make``), when the session requires them.
+    """
 
     def __init__(
         self,
@@ -98,6 +109,8 @@ class ControlClient:
             self.socket = self._connect()
             raise ProtocolError(f"{cmd}: no reply from {self.address} within {self.timeout_s} s")
         reply = unpack_map(self.socket.recv(), self.encoding)
+        if not isinstance(reply, dict):
+            raise ProtocolError(f"{cmd}: reply: expected a map (got {type(reply).__name__})")
         if not reply.get("ok"):
             raise ProtocolError(f"{cmd}: refused by the session: {reply.get('error')}")
         return reply
@@ -107,17 +120,59 @@ class ControlClient:
         return self.request("status")
 
     def last(self, n: int, topic: str | None = None) -> list[Message]:
-        """The last ``n`` published messages (of one topic, if given)."""
+        """The last ``n`` published messages (of one topic, if given), at most one reply's page of them."""
         fields: dict[str, Any] = {"n": n} if topic is None else {"n": n, "topic": topic}
         return [message_from_map(raw) for raw in self.request("last", **fields)["messages"]]
 
-    def resend(self, from_seq: int) -> list[Message]:
-        """Every message from sequence number ``from_seq`` on (to fill a gap)."""
-        return [message_from_map(raw) for raw in self.request("resend", from_seq=from_seq)["messages"]]
+    def resend(self, from_seq: int, until_seq: int | None = None) -> list[Message]:
+        """Every message from sequence number ``from_seq`` on (before ``until_seq``, if given), to fill a gap.
 
-    def announce_onset(self, trial_id: str, onset_s: float, stim_id: str | None = None) -> bool:
+        Asks page after page until the session says there is no more; :meth:`resend_pages` gives
+        the pages one at a time instead.
+        """
+        return [message for page in self.resend_pages(from_seq, until_seq) for message in page]
+
+    def resend_pages(self, from_seq: int, until_seq: int | None = None) -> Iterator[list[Message]]:
+        """The pages of a resend, in order: each reply's messages, asking again while ``more`` is true.
+
+        Raises
+        ------
+        ProtocolError
+            When a reply says ``more`` but its ``next_seq`` does not move past the page asked for.
+        """
+        next_from = from_seq
+        while True:
+            fields: dict[str, Any] = {"from_seq": next_from}
+            if until_seq is not None:
+                fields["until_seq"] = until_seq
+            reply = self.request("resend", **fields)
+            yield [message_from_map(raw) for raw in reply["messages"]]
+            # a session from before paging sends neither field: its one reply was everything
+            if not reply.get("more"):
+                return
+            following = reply.get("next_seq")
+            if isinstance(following, bool) or not isinstance(following, int) or following <= next_from:
+                raise ProtocolError(
+                    f"resend: reply says more but next_seq {following!r} does not move past from_seq {next_from}"
+                )
+            next_from = following
+
+    def announce_onset(
+        self, trial_id: str, onset_s: float, stim_id: str | None = None, duration_s: float | None = None
+    ) -> bool:
         """Tell the session a trial started at ``onset_s`` (seconds from the run's first volume)."""
-        return bool(self.request("onset", trial_id=trial_id, onset_s=onset_s, stim_id=stim_id)["accepted"])
+        fields: dict[str, Any] = {"trial_id": trial_id, "onset_s": onset_s, "stim_id": stim_id}
+        if duration_s is not None:
+            fields["duration_s"] = duration_s
+        return bool(self.request("onset", **fields)["accepted"])
+
+    def start_run(self, run: str | None = None) -> bool:
+        """Tell the session a run starts (the current one ends); ``run`` labels it."""
+        return bool(self.request("run_start", **({} if run is None else {"run": run}))["accepted"])
+
+    def end_run(self, run: str | None = None) -> bool:
+        """Tell the session the current run ended."""
+        return bool(self.request("run_end", **({} if run is None else {"run": run}))["accepted"])
 
     def close(self) -> None:
         """Close the socket."""

@@ -112,10 +112,38 @@ def unpack_map(body: bytes, encoding: Encoding = "msgpack") -> Any:
             return msgpack.unpackb(body, raw=False, object_hook=_msgpack_object_hook)
         if encoding == "json":
             return _from_json_tree(json.loads(body))
-    except (ValueError, TypeError, KeyError, msgpack.ExtraData, msgpack.FormatError,
-            msgpack.StackError) as err:
-        raise ProtocolError(f"body: not valid {encoding}: {err}") from None
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, msgpack.UnpackException) as err:
+        raise ProtocolError(f"body: not valid {encoding}: {_one_line(err) or type(err).__name__}") from None
+    except (RecursionError, MemoryError):
+        # JSON nested thousands deep (``[[[[...``) exhausts the recursion limit, a huge length
+        # header the memory: both are a bad body, not a reason for the reading thread to die.
+        raise ProtocolError(f"body: not valid {encoding}: nested too deep or too large") from None
     raise ProtocolError(f"encoding: expected 'msgpack' or 'json' (got {encoding!r})")
+
+
+def status_text(value: Any) -> str:
+    """One line of text for a status message's ``message`` field, whatever it is given.
+
+    Exceptions read as their message; a problem record with ``path`` and ``error`` (the file
+    watcher's :class:`~rtdecoder.ingest.watcher.FileProblem`) as its error, prefixed with the
+    path when the error does not start with it; anything else as its ``str``. Line breaks become
+    spaces, so subscribers never see a Python repr or a multi-line dump.
+    """
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, BaseException):
+        text = str(value) or type(value).__name__
+    elif hasattr(value, "path") and hasattr(value, "error"):
+        error = status_text(value.error)
+        # rtdecoder's errors already start with the file they are about
+        text = error if error.startswith(str(value.path)) else f"{value.path}: {error}"
+    else:
+        text = str(value)
+    return _one_line(text)
+
+
+def _one_line(value: Any) -> str:
+    return " ".join(str(value).split())
 
 
 def _array_fields(array: np.ndarray) -> dict[str, Any]:

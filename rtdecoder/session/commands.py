@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -12,28 +14,41 @@ from rtdecoder.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+_RUN_ENTITY = re.compile(r"(?:^|_)run-(\w+?)(?:_|$)")
+
 
 def add_session_commands(groups: argparse._SubParsersAction) -> None:
     """Register ``run`` on the top-level parser."""
     run = groups.add_parser(
         "run",
-        help="run the closed loop on a scanner's export folder",
+        help="run the closed loop on a scanner's export folder, run after run",
         description="Watch an export folder, estimate single-trial betas as volumes arrive, decode them, and "
-        "publish everything over ZeroMQ. Starting again on the same --session-dir resumes after a crash.",
+        "publish everything over ZeroMQ. One process serves the whole scanning session: each new series (or "
+        "sub-folder) is the next run. Without --bundle it is a front end only (motion, QA, betas). Starting "
+        "again on the same --session-dir resumes after a crash.",
     )
     run.add_argument("--config", default="phantom", help="preset name or YAML file (default: phantom)")
-    run.add_argument("--bundle", required=True, type=Path, help="subject bundle folder from 'rtdecoder calibrate'")
-    run.add_argument("--watch", required=True, type=Path, help="the folder the scanner exports this run into")
+    run.add_argument("--bundle", type=Path, help="subject bundle from 'rtdecoder calibrate' (default: no decoding)")
+    run.add_argument("--watch", required=True, type=Path, help="the folder the scanner exports into")
     run.add_argument("--session-dir", required=True, type=Path, help="journal and reports (resumes if it exists)")
-    schedule = run.add_mutually_exclusive_group(required=True)
-    schedule.add_argument("--events", type=Path, help="BIDS events.tsv with this run's trials")
-    schedule.add_argument(
+    run.add_argument(
+        "--events", type=Path, nargs="+", default=[],
+        help="BIDS events.tsv of the runs, in order (a run-NN in a file name labels its run)",
+    )
+    run.add_argument(
         "--live-onsets", action="store_true", help="trials are announced on the control socket as they start"
     )
-    run.add_argument("--n-volumes", type=int, required=True, help="volumes in the run")
-    run.add_argument("--run-label", default="run-01", help="run name in messages and the journal")
-    run.add_argument("--tr-s", type=float, default=None, help="repetition time, s (default: scanner.tr_s)")
+    run.add_argument("--n-volumes", type=int, help="volumes in every run (default: until the events' end, "
+                     "run_end, a new series or the idle timeout)")
+    run.add_argument("--n-runs", type=int, help="end the session after this many runs (default: until stopped)")
+    run.add_argument("--run-label", help="label of the first run (default: from the events file name, or run-01)")
+    run.add_argument("--tr-s", type=float, default=None,
+                     help="repetition time, s: checked against the volumes; used for files that carry none")
     run.add_argument("--no-decode", action="store_true", help="publish volumes and betas only")
+    run.add_argument("--mask", type=Path, help="without --bundle: 0/1 NIfTI of the voxels to read "
+                     "(default: an EPI brain mask of the reference)")
+    run.add_argument("--reference", type=Path, help="without --bundle: motion reference volume file "
+                     "(default: the session's first volume)")
     run.set_defaults(handler=_run)
 
     demo = groups.add_parser(
@@ -54,39 +69,73 @@ def add_session_commands(groups: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from calibration.bundle import SubjectBundle
     from rtdecoder.config import load_config
-    from rtdecoder.glm.events import read_events_tsv
     from rtdecoder.session.runner import LiveSession, RunPlan
 
     config = load_config(args.config)
-    if args.n_volumes < 1:
-        raise ConfigError(f"--n-volumes: expected a positive count (got {args.n_volumes})")
-    bundle = SubjectBundle.load(args.bundle)
-    trials = read_events_tsv(args.events) if args.events else []
+    for name in ("n_volumes", "n_runs", "tr_s"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"--{name.replace('_', '-')}: expected a positive value (got {value})")
+    if args.bundle is not None and (args.mask is not None or args.reference is not None):
+        raise ConfigError("--mask/--reference: only without --bundle (a bundle brings its own mask and reference)")
+    bundle = SubjectBundle.load(args.bundle) if args.bundle is not None else None
     decoder = None
-    if not args.no_decode:
+    if bundle is not None and not args.no_decode:
         from rtdecoder.decode.live import LiveDecoder
 
         decoder = LiveDecoder.from_bundle(bundle, config)
-    plan = RunPlan(
-        run=args.run_label,
-        watch_dir=args.watch,
-        n_volumes=args.n_volumes,
-        tr_s=args.tr_s or config.scanner.tr_s,
-        trials=trials,
-    )
-    session = LiveSession(config, bundle, args.session_dir, decoder)
+    mask = reference = None
+    if args.reference is not None:
+        from rtdecoder.ingest.readers import read_volume
+
+        reference = read_volume(args.reference)
+    if args.mask is not None:
+        from rtdecoder.preprocess.mask import VoxelMask
+
+        mask = VoxelMask.from_nifti(args.mask)
+    session = LiveSession(config, bundle, args.session_dir, decoder, mask=mask, reference=reference)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        summary = session.run(plan, stop)
-    except KeyboardInterrupt:
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
         stop.set()
-        raise
-    print(
-        f"{summary.run}: {summary.n_volumes} volumes ({summary.n_missing} missing), {summary.n_betas} betas, "
-        f"{summary.n_decoded} decodes ({summary.n_skipped_reconstructions} reconstructions skipped)"
-    )
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    defaults = RunPlan("", n_volumes=args.n_volumes, tr_s=args.tr_s)  # for runs beyond the events files
+    summaries = session.run_session(args.watch, run_plans(args), n_runs=args.n_runs, stop=stop, defaults=defaults)
+    for summary in summaries:
+        print(
+            f"{summary.run}: {summary.n_volumes} volumes ({summary.n_missing} missing), {summary.n_betas} betas, "
+            f"{summary.n_decoded} decodes ({summary.n_skipped_reconstructions} reconstructions skipped); "
+            f"ended by {summary.end_reason}"
+        )
+    if received:
+        print(f"rtdecoder: stopped by signal {received[0]}; start again on {args.session_dir} to resume",
+              file=sys.stderr)
+        return 128 + received[0]
     return 0
+
+
+def run_plans(args: argparse.Namespace) -> list:
+    """The runs known before the session: one per events file (or one, from the flags alone)."""
+    from rtdecoder.glm.events import read_events_tsv
+    from rtdecoder.session.runner import RunPlan
+
+    plans = []
+    for number, path in enumerate(args.events, start=1):
+        match = _RUN_ENTITY.search(path.name)
+        label = f"run-{match.group(1)}" if match else f"run-{number:02d}"
+        plans.append(RunPlan(label, n_volumes=args.n_volumes, tr_s=args.tr_s, trials=read_events_tsv(path)))
+    if not plans:
+        plans.append(RunPlan(args.run_label or "run-01", n_volumes=args.n_volumes, tr_s=args.tr_s))
+    elif args.run_label:
+        plans[0].run = args.run_label
+    labels = [plan.run for plan in plans]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"--events: expected one file per run; run labels repeat: {', '.join(labels)}")
+    return plans
 
 
 def _demo(args: argparse.Namespace) -> int:

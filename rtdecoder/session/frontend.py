@@ -3,6 +3,11 @@
 :class:`FrontEnd` is what the live session calls for every volume, in acquisition order. It
 touches only the mask voxels after motion estimation (no full reslice), so its cost is the motion
 fit plus O(V·p) for the GLM: see ``bench/bench_frontend.py``.
+
+Volumes may arrive in another voxel order than the bundle's grid (e.g. converted to NIfTI by SPM,
+which reverses the DICOM's second axis): the same grid, so each volume is read through a view in
+the grid's order (:class:`~rtdecoder.preprocess.orientation.VolumeReorienter`, decided once per
+run from the first volume's affine and logged once). A volume on another grid is an error.
 """
 
 from __future__ import annotations
@@ -12,11 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rtdecoder.errors import OrderError
+from rtdecoder.errors import OrderError, VolumeError
 from rtdecoder.glm.incremental import IncrementalGLM, TrialBeta
 from rtdecoder.ingest.volume import Volume
 from rtdecoder.preprocess.mask import OnlineNormaliser, VoxelMask
 from rtdecoder.preprocess.motion import MotionCorrector, MotionEstimate
+from rtdecoder.preprocess.orientation import VolumeReorienter, find_grid_transform
 
 
 @dataclass
@@ -53,18 +59,23 @@ class FrontEnd:
     ----------
     mask : VoxelMask
         The subject's voxels in the reference grid.
-    glm : IncrementalGLM
-        The run's estimator (not yet started).
+    glm : IncrementalGLM or None
+        The run's estimator (not yet started); ``None`` for a run without trials (motion and QA only).
     normaliser : OnlineNormaliser
         Maps raw mask values to the units the GLM and the model expect.
     motion : MotionCorrector or None
-        Its reference already set; ``None`` reads the mask voxels as they are.
+        Its reference already set, on the mask's grid; ``None`` reads the mask voxels as they are.
+
+    Raises
+    ------
+    VolumeError
+        If the motion reference is not on the mask's grid.
     """
 
     def __init__(
         self,
         mask: VoxelMask,
-        glm: IncrementalGLM,
+        glm: IncrementalGLM | None,
         normaliser: OnlineNormaliser,
         motion: MotionCorrector | None = None,
     ) -> None:
@@ -73,43 +84,60 @@ class FrontEnd:
         self.normaliser = normaliser
         self.motion = motion
         self._mask_ijk = mask.ijk
+        if motion is not None and hasattr(motion, "affine_"):
+            match = find_grid_transform(motion.shape_, motion.affine_, mask.shape, mask.affine)
+            if not (match.matches() and match.transform.is_identity):
+                raise VolumeError(
+                    f"mask {mask.source}: grid {mask.shape} does not match the motion reference's {motion.shape_} "
+                    f"(largest difference {match.difference_mm:.4g} mm); expected the mask on the reference grid"
+                )
+        self._to_grid = VolumeReorienter(mask.shape, mask.affine, f"the reference grid (mask {mask.source})")
         self.started_ = False
 
     def start(self) -> FrontEnd:
         """Start the GLM for the mask's voxel count; call once per run."""
-        self.glm.start(self.mask.n_voxels)
+        if self.glm is not None:
+            self.glm.start(self.mask.n_voxels)
+        self._to_grid.reset()
         self.started_ = True
         return self
 
     def process(self, volume: Volume) -> ProcessedVolume:
         """Preprocess one volume and update the GLM; stamps ``volume.times.processed_s``."""
         self._require_started("process")
+        # A view in the grid's voxel order (the volume itself when already so); raises off the grid.
+        data = self._to_grid.data(volume)
         if self.motion is not None:
-            raw, estimate = self.motion.correct(volume, self._mask_ijk)
-            motion_params = estimate.params
+            # One contiguous float32 copy at most (only for a reoriented or non-float32 volume),
+            # shared by the fit and the mask sampling.
+            data = np.ascontiguousarray(data, dtype=np.float32)
+            estimate = self.motion.estimate(data)
+            raw, motion_params = self.motion.resample_mask(data, estimate.params, self._mask_ijk), estimate.params
         else:
-            self.mask.check_volume(volume)
-            raw, estimate, motion_params = self.mask.values(volume.data), None, np.zeros(6)
+            raw, estimate, motion_params = self.mask.values(data), None, np.zeros(6)
         values = self.normaliser.normalise(raw)
-        betas = self.glm.update(volume.index, values, motion_params)
+        betas = self.glm.update(volume.index, values, motion_params) if self.glm is not None else []
         volume.times.processed_s = time.time()
         return ProcessedVolume(volume.index, values, estimate, betas)
 
     def replay(self, tr_index: int, values: np.ndarray, motion_params: np.ndarray) -> list[TrialBeta]:
         """Feed an already-preprocessed volume (from the journal) to the GLM."""
         self._require_started("replay")
+        if self.glm is None:
+            return []
         return self.glm.update(tr_index, np.asarray(values, dtype=np.float32), np.asarray(motion_params))
 
     def missing(self, tr_index: int) -> ProcessedVolume:
         """Leave a volume that never arrived out of the model."""
         self._require_started("missing")
-        self.glm.mark_missing(tr_index)
+        if self.glm is not None:
+            self.glm.mark_missing(tr_index)
         return ProcessedVolume(tr_index, None, None, [])
 
     def finish(self) -> list[TrialBeta]:
         """The final beta of every trial of the run."""
         self._require_started("finish")
-        return self.glm.finish()
+        return self.glm.finish() if self.glm is not None else []
 
     def _require_started(self, method: str) -> None:
         if not self.started_:

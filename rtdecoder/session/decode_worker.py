@@ -1,0 +1,162 @@
+"""The decode thread: retrieval for every queued beta, a reconstruction when decoding keeps up.
+
+It runs any :class:`~rtdecoder.decode.protocol.BetaDecoder`. A slow decode never delays a volume
+or a beta: betas are queued by the session thread and decoded here; a reconstruction is skipped
+(``reconstruction: skipped_backlog``) when more than ``session.max_decode_backlog`` betas wait
+behind it. Retrievals are never dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from rtdecoder.config import SessionConfig
+from rtdecoder.decode.protocol import BetaDecoder
+from rtdecoder.publish.messages import Message
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodeJob:
+    """One beta waiting to be decoded."""
+
+    run: str
+    trial_id: str
+    stim_id: str | None
+    beta: np.ndarray
+    beta_seq: int
+    t: dict[str, float | None]
+
+
+@dataclass
+class DecodeCounts:
+    """What the decode thread did in one run (latencies in ms)."""
+
+    n_decoded: int = 0
+    n_reconstructed: int = 0
+    n_skipped_reconstructions: int = 0
+
+
+Publish = Callable[[str, dict[str, Any], dict[str, float | None]], Message]
+
+
+class DecodeWorker:
+    """Decodes queued betas in a thread of its own and publishes each result.
+
+    Parameters
+    ----------
+    decoder : BetaDecoder
+    config : SessionConfig
+        ``retrieval_top_k``, ``reconstruct``, ``max_decode_backlog``.
+    publish : callable
+        The session's one publish path ``(topic, data, t) -> Message``.
+    on_decoded : callable, optional
+        Called as ``on_decoded(job, data, message)`` after each decode message went out (the
+        session's counters and latencies).
+    """
+
+    def __init__(
+        self,
+        decoder: BetaDecoder,
+        config: SessionConfig,
+        publish: Publish,
+        on_decoded: Callable[[DecodeJob, dict[str, Any], Message], None] | None = None,
+    ) -> None:
+        self.decoder = decoder
+        self.config = config
+        self.publish = publish
+        self.on_decoded = on_decoded
+        self.jobs: queue.Queue[DecodeJob | None] = queue.Queue()
+        self.failure: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> DecodeWorker:
+        self._thread = threading.Thread(target=self._loop, name="rtdecoder-decode", daemon=True)
+        self._thread.start()
+        return self
+
+    def put(self, job: DecodeJob) -> None:
+        """Queue one beta."""
+        self.jobs.put(job)
+
+    def drain(self) -> None:
+        """Wait until every queued beta is decoded (the run's end)."""
+        self.jobs.join()
+
+    def stop(self) -> None:
+        """Decode what is queued, then end the thread."""
+        if self._thread is not None:
+            self.jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                job = self.jobs.get()
+                try:
+                    if job is None:
+                        return
+                    self._decode_safely(job)
+                finally:
+                    self.jobs.task_done()
+        except BaseException as err:  # the session sees it and ends the run loudly
+            logger.exception("the decode thread stopped")
+            self.failure = err
+
+    def _decode_safely(self, job: DecodeJob) -> None:
+        try:
+            self._decode_one(job, backlog=self.jobs.qsize())
+        except Exception as err:  # one bad decode must not stop the session
+            logger.exception("decoding %s failed", job.trial_id)
+            self.publish("status", {"state": "decode_error", "run": job.run, "trial_id": job.trial_id,
+                                    "message": f"{type(err).__name__}: {err}"}, {})
+
+    def _decode_one(self, job: DecodeJob, backlog: int) -> None:
+        config = self.config
+        started = time.perf_counter()
+        decoded = self.decoder.retrieve(job.beta, config.retrieval_top_k, shown_id=job.stim_id)
+        retrieval: dict[str, Any] = {"ids": decoded.ids, "scores": [float(s) for s in decoded.scores]}
+        if decoded.n_candidates is not None:
+            retrieval["n_candidates"] = decoded.n_candidates
+        if decoded.shown_rank is not None:
+            retrieval["shown_rank"] = decoded.shown_rank
+        data: dict[str, Any] = {
+            "run": job.run,
+            "trial_id": job.trial_id,
+            "stim_id": job.stim_id,
+            "beta_seq": job.beta_seq,
+            "retrieval": retrieval,
+            "retrieval_ms": decoded.retrieval_ms,
+        }
+        if not config.reconstruct:
+            data["reconstruction"] = "disabled"
+        elif backlog > config.max_decode_backlog:
+            data["reconstruction"] = "skipped_backlog"
+            data["backlog"] = backlog
+            logger.warning("decode backlog %d: reconstruction of %s skipped, retrieval kept", backlog, job.trial_id)
+        else:
+            reconstruct_started = time.perf_counter()
+            data["image_png"] = self.decoder.reconstruct(decoded, seed=trial_seed(job.trial_id))
+            data["reconstruction"] = "done"
+            data["reconstruction_ms"] = 1000 * (time.perf_counter() - reconstruct_started)
+        data["decode_ms"] = 1000 * (time.perf_counter() - started)
+        message = self.publish("decode", data, dict(job.t))
+        if self.on_decoded is not None:
+            self.on_decoded(job, data, message)
+        logger.info("%s decode %s: top-1 %s (%s)", job.run, job.trial_id,
+                    decoded.ids[0] if decoded.ids else "-", data["reconstruction"])
+
+
+def trial_seed(trial_id: str) -> int:
+    """The reconstruction seed of a trial: the same image for the same trial, run after run."""
+    return int.from_bytes(trial_id.encode()[-8:].rjust(8, b"\0"), "little") % (2**31)
