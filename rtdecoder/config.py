@@ -340,7 +340,7 @@ class SessionConfig(Section):
         60.0, gt=0.0, description="end the run when no volume came for this long (counted from its first volume)"
     )
     run_tail_s: float = Field(
-        16.0, ge=0.0, description="without n_volumes, a run with events ends this long after its last trial's end"
+        12.0, ge=0.0, description="without n_volumes, a run with events ends this long after its last trial's end"
     )
     reference_index: int = Field(
         3, ge=0, description="without a bundle or --reference: the first run's volume that becomes the "

@@ -182,3 +182,13 @@ def test_existing_files_are_taken_only_when_asked(skyra_files, tmp_path):
         assert watcher.get(timeout_s=0.2) is None
     with FolderWatcher(tmp_path, watch_mode="polling", poll_interval_s=0.01, include_existing=True) as watcher:
         assert watcher.get(timeout_s=5.0).index == 0
+
+
+def test_events_files_left_in_the_export_folder_are_not_volumes(tmp_path) -> None:
+    from rtdecoder.ingest.watcher import FolderWatcher, is_volume_file
+
+    assert not is_volume_file(tmp_path / "events.tsv") and not is_volume_file(tmp_path / "sub-01_run-01_events.tsv")
+    (tmp_path / "events.tsv").write_text("onset\tduration\n1.0\t3.0\n")
+    with FolderWatcher(tmp_path, watch_mode="polling", include_existing=True) as watcher:
+        assert watcher.get(timeout_s=0.3) is None
+        assert watcher.problems.empty()

@@ -20,6 +20,7 @@ from scipy import ndimage
 
 from calibration.bundle import SubjectBundle
 from rtdecoder.config import load_config
+from rtdecoder.decode.protocol import Decoded
 from rtdecoder.errors import BundleError
 from rtdecoder.glm.design import trial_regressors
 from rtdecoder.glm.events import Trial, write_events_tsv
@@ -29,7 +30,6 @@ from rtdecoder.publish.client import ResultSubscriber
 from rtdecoder.session import runner as runner_module
 from rtdecoder.session.journal import read_records
 from rtdecoder.session.report import write_report
-from rtdecoder.decode.protocol import Decoded
 from rtdecoder.session.runner import JOURNAL_NAME, LiveSession, RunPlan
 
 TR_S = 1.6

@@ -20,9 +20,9 @@ from PIL import Image
 from engines.base import Engine, sample_prior
 from rtdecoder.config import RTDecoderConfig
 from rtdecoder.decode.generators.base import Generator
+from rtdecoder.decode.protocol import Decoded
 from rtdecoder.decode.retrieval import CandidateBank
 from rtdecoder.errors import BundleError
-from rtdecoder.decode.protocol import Decoded
 
 logger = logging.getLogger(__name__)
 

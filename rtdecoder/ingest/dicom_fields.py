@@ -315,7 +315,9 @@ class RawWalker:
         length (undefined-length elements are always parsed as sequences, as PS3.5 7.5 requires).
     """
 
-    def __init__(self, buffer: bytes, little_endian: bool, implicit_vr: bool, sequences: frozenset[int]) -> None:
+    def __init__(
+        self, buffer: bytes | memoryview, little_endian: bool, implicit_vr: bool, sequences: frozenset[int]
+    ) -> None:
         self.buffer = buffer
         self.implicit_vr = implicit_vr
         self.sequences = sequences
@@ -399,7 +401,7 @@ class RawWalker:
         found_vr, pos, length = element
         if found_vr is not None and found_vr != vr:
             raise MalformedBytesError(f"VR {found_vr!r} where {vr!r} was expected")
-        return self.buffer[pos : pos + length].decode("iso8859")
+        return str(self.buffer[pos : pos + length], "iso8859")
 
 
 def parse_decimal(text: str) -> float:

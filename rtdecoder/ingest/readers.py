@@ -21,6 +21,7 @@ import math
 import numbers
 import os
 import re
+import threading
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -60,6 +61,7 @@ logger = logging.getLogger(__name__)
 _DICOM_MAGIC_END = 132  # 128-byte preamble, then b"DICM"
 _DEFER_BYTES = 64 * 1024  # elements larger than this are read only when used
 _PIXEL_DATA_TAG = 0x7FE00010
+_THREAD_BUFFERS = threading.local()  # per-thread buffer for the enhanced fast path's bytes
 _MIN_VOXEL_MM3 = 1e-6  # a smaller voxel volume means a degenerate (singular) affine
 _UTC_OFFSET = re.compile(r"(?P<sign>[+-]?)(?P<hours>\d{2})(?P<minutes>\d{2})")
 _UNCOMPRESSED = {
@@ -269,8 +271,9 @@ def _parse_header(handle, file_bytes: int, path: Path, stop_at_per_frame: bool) 
 
 def _read_enhanced_rest(ds: Dataset, handle, path: Path) -> _DicomRead | None:
     """The fast enhanced path, from the per-frame group to the pixels; ``None`` to fall back."""
+    dtype, shape = _pixel_layout(ds, path)  # first: it rejects what the walker cannot read (deflate)
     implicit_vr, little_endian = ds.original_encoding
-    rest = handle.read()  # the per-frame group, then the pixel data: one read, no other copy
+    rest = _read_rest(handle)  # the per-frame group, then the pixel data: one read, no other copy
     walker = RawWalker(rest, little_endian, implicit_vr, FUNCTIONAL_GROUP_SEQUENCES)
     try:
         tag, vr, length, value_pos = walker.element(0)
@@ -288,7 +291,6 @@ def _read_enhanced_rest(ds: Dataset, handle, path: Path) -> _DicomRead | None:
         return None
     if length == UNDEFINED_LENGTH:
         return None  # encapsulated pixel data: the full path says why it is not supported
-    dtype, shape = _pixel_layout(ds, path)
     count = math.prod(shape)
     _check_pixel_bytes(length, len(rest) - value_pos, count * dtype.itemsize, path)
     fields = frame_fields_from_raw(ds, walker, per_frame, shape[0], path)
@@ -296,6 +298,25 @@ def _read_enhanced_rest(ds: Dataset, handle, path: Path) -> _DicomRead | None:
         return None
     pixels = np.frombuffer(rest, dtype=dtype, count=count, offset=value_pos).reshape(shape)
     return _DicomRead(ds, pixels, fields)
+
+
+def _thread_buffer(n_bytes: int) -> memoryview:
+    """``n_bytes`` of this thread's reusable read buffer.
+
+    A fresh multi-megabyte buffer per volume costs more in page faults than the read itself. The
+    view is valid until this thread's next read; the readers copy pixels out of it into the volume
+    (converting to float32) before they return.
+    """
+    buffer = getattr(_THREAD_BUFFERS, "buffer", None)
+    if buffer is None or len(buffer) < n_bytes:
+        buffer = _THREAD_BUFFERS.buffer = bytearray(n_bytes)
+    return memoryview(buffer)[:n_bytes]
+
+
+def _read_rest(handle) -> memoryview:
+    """The rest of the file from the handle's position, in this thread's read buffer."""
+    view = _thread_buffer(max(os.fstat(handle.fileno()).st_size - handle.tell(), 0))
+    return view[: handle.readinto(view)]
 
 
 def _pixel_layout(ds: Dataset, path: Path) -> tuple[np.dtype, tuple[int, int, int]]:

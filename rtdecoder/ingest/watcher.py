@@ -44,7 +44,8 @@ from rtdecoder.ingest.volume import Volume
 logger = logging.getLogger(__name__)
 
 # Names an exporter writes beside the volumes, or uses while a file is being written.
-_IGNORED_SUFFIXES = (".json", ".tmp", ".part", ".txt", ".log", ".lock")
+# Sidecars, notes and the events files labs (and the phantom scanner) leave beside the volumes.
+_IGNORED_SUFFIXES = (".json", ".tmp", ".part", ".txt", ".log", ".lock", ".tsv", ".csv", ".md")
 
 
 @dataclass(frozen=True)

@@ -747,11 +747,15 @@ class _Run:
             ).set_reference(geometry.reference, geometry.mask.affine)
         # Percent signal change of the baseline: the units the calibration GLM used.
         normaliser = OnlineNormaliser.from_stats(geometry.signal_mean, geometry.signal_mean / 100.0)
+        glm_config = config.glm
+        if glm_config.hrf == "library" and geometry.hrf_index is None:
+            # Per-voxel HRFs are chosen at calibration; without a bundle there is no choice to use.
+            logger.info("%s: glm.hrf 'library' needs a calibrated bundle; the canonical HRF is used", self.plan.run)
+            glm_config = glm_config.model_copy(update={"hrf": "canonical"})
         glm = None if not self.trials else IncrementalGLM.from_config(
-            config.glm, self.trials, float(start["tr_s"]), self.n_volumes_planned,
+            glm_config, self.trials, float(start["tr_s"]), self.n_volumes_planned,
             slice_time_ref_s=float(start["slice_time_ref_s"]),
-            hrf_per_voxel=geometry.hrf_index if config.glm.hrf == "library" and geometry.hrf_index is not None
-            else None,
+            hrf_per_voxel=geometry.hrf_index if glm_config.hrf == "library" else None,
         )
         self.tsnr = RunningTSNR(geometry.mask.n_voxels)
         return FrontEnd(geometry.mask, glm, normaliser, motion).start()
@@ -901,7 +905,7 @@ class _Run:
             data["beta"] = beta.beta.astype(np.float32)
         message = self.session.publish("beta", data, times)
         self.summary.n_betas += 1
-        if kind != "final":  # the run's end releases them all at once: one line for the run, not one each
+        if kind == "first":  # refinements and the run's final betas would be a burst of lines: debug only
             logger.info("%s beta %s (%s) at vol %d from %d volumes", self.plan.run, beta.trial_id, kind,
                         beta.tr_index, beta.n_volumes_used)
         wanted = kind == "first" or (kind == "update" and self.config.session.decode_updates) or (
