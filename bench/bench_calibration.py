@@ -12,7 +12,7 @@ image and brain retrieval top-1 among 300 (all test images when fewer) for
 
 Data paths. Every session of the held-out subject goes through the real path: simulated volumes
 written as one NIfTI per volume, read back, motion-corrected, masked, per-voxel HRF and offline
-GLM (:func:`calibration.betas.estimate_session_betas`), then z-scored per session with that
+GLM (:func:`rtdecoder.calibration.betas.estimate_session_betas`), then z-scored per session with that
 session's training trials. (a), (b), (c) train on session 0; (d) on every session; the test set
 is the shared images (``experiment.n_test_images`` x ``test_repeats``) of every session, repeats
 averaged, never trained on. Pretraining subjects come from direct simulation (``phantom generate
@@ -49,10 +49,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calibration.betas import estimate_session_betas
-from calibration.calibrate import average_repeats, calibrate, predict_clip_tokens, retrieval_evaluation, zscore_stats
-from calibration.pretrain import pretrain, subject_id
-from calibration.train import SubjectDataset, finetune
+from rtdecoder.calibration.betas import estimate_session_betas
+from rtdecoder.calibration.calibrate import (
+    average_repeats,
+    calibrate,
+    predict_clip_tokens,
+    retrieval_evaluation,
+    zscore_stats,
+)
+from rtdecoder.calibration.pretrain import pretrain, subject_id
+from rtdecoder.calibration.train import SubjectDataset, finetune
 from rtdecoder.config import load_config
 from rtdecoder.glm.events import write_events_tsv
 from rtdecoder.phantom.generate import parse_index_list
@@ -213,7 +219,7 @@ def test_set(sessions: list, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def evaluate_bundle(bundle_dir: Path, sid: str, test_z, test_tokens, report) -> dict:
     """Retrieval of a saved bundle on the averaged test betas, with its in-session evaluation."""
-    from calibration.bundle import SubjectBundle
+    from rtdecoder.bundle import SubjectBundle
 
     model = SubjectBundle.load(bundle_dir).load_model()
     result = retrieval_evaluation(predict_clip_tokens(model, sid, test_z), test_tokens)

@@ -26,7 +26,7 @@ TARGET_MS = 250.0
 
 
 def _generators(config):
-    from rtdecoder.decode.generators.phantom_unet import (
+    from rtdecoder.phantom.generator import (
         WEIGHTS_NAME,
         PhantomGenerator,
         PhantomGeneratorNet,
@@ -56,12 +56,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from engines.base import sample_prior
-    from engines.onnx_export import export_onnx
-    from engines.onnx_runtime import OnnxRuntimeEngine
-    from engines.torch_backend import TorchEngine
     from rtdecoder.config import load_config
+    from rtdecoder.decode.engine import sample_prior
     from rtdecoder.decode.model import MindEye2
+    from rtdecoder.engines.onnx_export import export_onnx
+    from rtdecoder.engines.onnx_runtime import OnnxRuntimeEngine
+    from rtdecoder.engines.torch_backend import TorchEngine
 
     config = load_config("phantom")
     torch.manual_seed(0)
@@ -110,9 +110,9 @@ def main() -> None:
 
 
 def _quality(config, generators) -> list[dict]:
-    from rtdecoder.decode.generators.phantom_unet import phantom_split, phantom_training_data
     from rtdecoder.decode.image_metrics import reconstruction_metrics
     from rtdecoder.embedding.base import make_embedder
+    from rtdecoder.phantom.generator import phantom_split, phantom_training_data
 
     if not all(trained for _, _, trained in generators.values()):
         raise SystemExit("--quality needs trained generators: run 'rtdecoder engines train-generator' first")

@@ -38,16 +38,16 @@ import numpy as np
 import torch
 from bench_calibration import HELD_OUT, evaluate_bundle, held_out_session_dirs, test_set
 
-from calibration.betas import estimate_session_betas
-from calibration.calibrate import (
+from rtdecoder.calibration.betas import estimate_session_betas
+from rtdecoder.calibration.calibrate import (
     average_repeats,
     calibrate,
     predict_clip_tokens,
     retrieval_evaluation,
     zscore_stats,
 )
-from calibration.pretrain import pretrain, subject_id
-from calibration.train import SubjectDataset, finetune
+from rtdecoder.calibration.pretrain import pretrain, subject_id
+from rtdecoder.calibration.train import SubjectDataset, finetune
 from rtdecoder.config import RTDecoderConfig, load_config
 from rtdecoder.phantom.world import PhantomWorld
 

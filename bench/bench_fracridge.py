@@ -1,7 +1,7 @@
 """Fractional ridge calibration betas against OLS on one phantom session: fractions and reliability.
 
 For the held-out phantom subject (subject 7, ``sub-08``) and one session, the calibration betas
-are computed twice through the real path (:func:`calibration.betas.estimate_session_betas`:
+are computed twice through the real path (:func:`rtdecoder.calibration.betas.estimate_session_betas`:
 NIfTI volumes, motion correction, per-voxel HRF, offline GLM), once as OLS (the config's
 ``glm.method``) and once with ``glm.fracridge: true``. Reported:
 
@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from bench_calibration import HELD_OUT, _write_session
 
-from calibration.betas import SessionBetas, estimate_session_betas
+from rtdecoder.calibration.betas import SessionBetas, estimate_session_betas
 from rtdecoder.config import load_config
 from rtdecoder.phantom.world import PhantomWorld
 

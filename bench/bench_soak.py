@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from calibration.bundle import SubjectBundle
+    from rtdecoder.bundle import SubjectBundle
     from rtdecoder.config import load_config
-    from rtdecoder.decode.live import LiveDecoder
+    from rtdecoder.phantom.decoding import phantom_live_decoder
     from rtdecoder.phantom.world import PhantomWorld
     from rtdecoder.session.demo import scan_and_decode
     from rtdecoder.session.runner import LiveSession, RunPlan
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     bundle = SubjectBundle.load(args.bundle)
     world = PhantomWorld(config, progress=False)
     subject = config.phantom.n_subjects - 1
-    decoder = LiveDecoder.from_bundle(bundle, config)
+    decoder = phantom_live_decoder(bundle, config)
     n_runs = args.runs or config.experiment.runs_per_session
     work = Path(tempfile.mkdtemp(prefix="rtdecoder-soak-"))
     session_dir = work / "session"

@@ -48,10 +48,10 @@ def main() -> None:
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from engines.base import sample_prior
-    from engines.torch_backend import TorchEngine
     from rtdecoder.config import ModelConfig, load_config
+    from rtdecoder.decode.engine import sample_prior
     from rtdecoder.decode.generators.unclip import UnclipGenerator, sdxl_unclip_unet_config, sdxl_vae_config
+    from rtdecoder.engines.torch_backend import TorchEngine
 
     if args.tiny:
         torch.set_num_threads(1)

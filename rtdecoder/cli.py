@@ -46,11 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_phantom_commands(groups)
 
-    from calibration.commands import add_calibration_commands
+    from rtdecoder.calibration.commands import add_calibration_commands
 
     add_calibration_commands(groups)
 
-    from engines.commands import add_engines_commands
+    from rtdecoder.engines.commands import add_engines_commands
 
     add_engines_commands(groups)
 

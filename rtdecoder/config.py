@@ -108,6 +108,14 @@ class EmbeddingConfig(Section):
     )
 
 
+class CandidatesConfig(Section):
+    """The images the live decoder retrieves among (a lab's own set)."""
+
+    images_dir: str | None = Field(
+        None, description="folder of candidate images (PNG/JPEG); ids are the file stems, embedded once and cached"
+    )
+
+
 class IngestConfig(Section):
     """Watching the export folder and taking complete volumes in order."""
 
@@ -145,7 +153,7 @@ class GLMConfig(Section):
     fracridge: bool = Field(
         False,
         description="calibration only: GLMsingle-style fractional ridge betas, one fraction per voxel chosen "
-        "on repeated training images, rescaled onto the OLS betas (see calibration/betas.py); the live GLM "
+        "on repeated training images, rescaled onto the OLS betas (see rtdecoder/calibration/betas.py); the live GLM "
         "stays OLS",
     )
     fracridge_fractions: tuple[float, ...] = Field(
@@ -361,6 +369,7 @@ class RTDecoderConfig(Section):
     scanner: ScannerConfig = ScannerConfig()
     experiment: ExperimentConfig = ExperimentConfig()
     embedding: EmbeddingConfig = EmbeddingConfig()
+    candidates: CandidatesConfig = CandidatesConfig()
     ingest: IngestConfig = IngestConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     glm: GLMConfig = GLMConfig()

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from test_calibrate import small_config, tiny_world, write_two_runs
 
-from calibration.betas import estimate_session_betas, find_runs
-from calibration.bids import parse_bids_name
+from rtdecoder.calibration.betas import estimate_session_betas, find_runs
+from rtdecoder.calibration.bids import parse_bids_name
 from rtdecoder.errors import BundleError
 from rtdecoder.glm.events import read_events_tsv
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from calibration.bundle import SubjectBundle, mask_hash
+from rtdecoder.bundle import SubjectBundle, mask_hash
 from rtdecoder.config import load_config
 from rtdecoder.errors import BundleError
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.betas import estimate_session_betas, find_runs, load_betas, save_betas
-from calibration.bundle import SubjectBundle
-from calibration.calibrate import average_repeats, calibrate, retrieval_evaluation, zscore_stats
-from calibration.pretrain import pretrain, subject_index
+from rtdecoder.bundle import SubjectBundle
+from rtdecoder.calibration.betas import estimate_session_betas, find_runs, load_betas, save_betas
+from rtdecoder.calibration.calibrate import average_repeats, calibrate, retrieval_evaluation, zscore_stats
+from rtdecoder.calibration.pretrain import pretrain, subject_index
 from rtdecoder.cli import main
 from rtdecoder.config import config_from_dict
 from rtdecoder.embedding.base import Embedding
@@ -104,7 +104,7 @@ def test_live_front_end_reproduces_calibration_betas(session, betas) -> None:
     normaliser = OnlineNormaliser.from_stats(betas.signal_mean, betas.signal_mean / 100.0)
     simulated = truth[1]
     runs = find_runs(root)
-    from calibration.betas import read_run_volumes
+    from rtdecoder.calibration.betas import read_run_volumes
 
     volumes = read_run_volumes(runs[1])
     # The slice-time reference as the live session takes it: from the run's first volume.

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from test_calibrate import small_config, tiny_world, write_two_runs
 
-from calibration.betas import (
+from rtdecoder.calibration.betas import (
     FRACTIONS_NAME,
     estimate_session_betas,
     load_betas,

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from engines.base import EncoderOutput, compare_engines, sample_prior
-from engines.onnx_export import export_onnx, read_engine_meta
-from engines.onnx_runtime import OnnxRuntimeEngine
-from engines.torch_backend import TorchEngine
 from rtdecoder.config import ModelConfig
+from rtdecoder.decode.engine import EncoderOutput, compare_engines, sample_prior
 from rtdecoder.decode.model import MindEye2
+from rtdecoder.engines.onnx_export import export_onnx, read_engine_meta
+from rtdecoder.engines.onnx_runtime import OnnxRuntimeEngine
+from rtdecoder.engines.torch_backend import TorchEngine
 from rtdecoder.errors import BundleError, DecoderError
 
 
@@ -96,7 +96,7 @@ def test_tensorrt_guard_names_the_package_and_install_hint(onnx_folder):
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        from engines.tensorrt import TensorRTEngine, build_tensorrt_engines
+        from rtdecoder.engines.tensorrt import TensorRTEngine, build_tensorrt_engines
 
         with pytest.raises(DecoderError, match="'tensorrt' package is not installed.*pip install tensorrt"):
             build_tensorrt_engines(onnx_folder)

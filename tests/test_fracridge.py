@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from calibration.betas import RunDesign, fracridge_session_betas, stimulus_keys
+from rtdecoder.calibration.betas import RunDesign, fracridge_session_betas, stimulus_keys
 from rtdecoder.config import DEFAULT_FRACRIDGE_FRACTIONS, GLMConfig, config_from_dict
 from rtdecoder.errors import ConfigError
 from rtdecoder.glm.design import drift_regressors, frame_times_s, trial_regressors
@@ -208,7 +208,7 @@ def test_fraction_one_of_the_lsa_ridge_is_the_lsa_fit() -> None:
 def test_without_repeats_in_other_runs_every_voxel_keeps_ols(caplog) -> None:
     runs, _, ols, stimulus = _session(seed=2, noise=3.0, n_runs=3)
     unique = np.arange(stimulus.size)
-    with caplog.at_level(logging.WARNING, logger="calibration.betas"):
+    with caplog.at_level(logging.WARNING, logger="rtdecoder.calibration.betas"):
         betas, chosen = fracridge_session_betas(ols, runs, unique, np.ones(stimulus.size, bool), [0.1, 1.0])
     assert np.all(chosen == 1.0)
     np.testing.assert_array_equal(betas, ols.astype(np.float32))

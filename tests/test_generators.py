@@ -8,8 +8,10 @@ import torch
 
 from rtdecoder.config import GeneratorConfig
 from rtdecoder.decode.generators.base import Generator, blend_lowlevel, decode_lowlevel, from_uint8
-from rtdecoder.decode.generators.distill import _teacher_two_steps, distillation_target, progressive_distillation
-from rtdecoder.decode.generators.phantom_unet import (
+from rtdecoder.decode.generators.unclip import UnclipGenerator, load_unclip_models
+from rtdecoder.errors import BundleError, DecoderError
+from rtdecoder.phantom.distill import _teacher_two_steps, distillation_target, progressive_distillation
+from rtdecoder.phantom.generator import (
     PhantomGenerator,
     PhantomGeneratorNet,
     alpha_sigma,
@@ -18,8 +20,6 @@ from rtdecoder.decode.generators.phantom_unet import (
     train_phantom_generator,
     v_loss,
 )
-from rtdecoder.decode.generators.unclip import UnclipGenerator, load_unclip_models
-from rtdecoder.errors import BundleError, DecoderError
 
 # --- A tiny checkpoint in generative-models layout, described in sgm's own module terms. ---
 
@@ -312,7 +312,7 @@ def test_decode_lowlevel_uses_the_vae_scale(sgm_checkpoint):
 
 def test_shipped_weights_are_found_before_the_cache(tmp_path, monkeypatch):
     from rtdecoder.config import load_config
-    from rtdecoder.decode.generators import phantom_unet
+    from rtdecoder.phantom import generator as phantom_unet
 
     config = load_config("phantom", overrides={"generator": {"cache_dir": str(tmp_path / "cache")}})
     name = f"phantom-{phantom_unet.phantom_cache_key(config)}"

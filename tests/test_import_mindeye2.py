@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from calibration.calibrate import _check_pretrained
-from calibration.import_mindeye2 import convert_state_dict, import_mindeye2
+from rtdecoder.calibration.calibrate import _check_pretrained
+from rtdecoder.calibration.import_mindeye2 import convert_state_dict, import_mindeye2
 from rtdecoder.config import load_config
 from rtdecoder.decode.model import MindEye2
 from rtdecoder.errors import BundleError, ConfigError

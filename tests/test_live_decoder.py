@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engines.torch_backend import TorchEngine
 from rtdecoder.config import ModelConfig
 from rtdecoder.decode.live import LiveDecoder
 from rtdecoder.decode.model import MindEye2
 from rtdecoder.decode.retrieval import CandidateBank
+from rtdecoder.engines.torch_backend import TorchEngine
 
 N_VOXELS = 12
 

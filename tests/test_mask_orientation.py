@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from nibabel import orientations
 
-from calibration.betas import choose_reference, estimate_session_betas
-from calibration.bundle import SubjectBundle
+from rtdecoder.bundle import SubjectBundle
+from rtdecoder.calibration.betas import choose_reference, estimate_session_betas
 from rtdecoder.config import load_config
 from rtdecoder.errors import BundleError, VolumeError
 from rtdecoder.glm.events import Trial

@@ -18,8 +18,8 @@ import pytest
 from scipy import ndimage
 from test_calibrate import small_config, tiny_world, write_two_runs
 
-from calibration.bundle import SubjectBundle
-from calibration.calibrate import calibrate, written_by_phantom
+from rtdecoder.bundle import SubjectBundle
+from rtdecoder.calibration.calibrate import calibrate, written_by_phantom
 from rtdecoder.cli import main
 from rtdecoder.errors import VolumeError
 from rtdecoder.glm.events import Trial, write_events_tsv

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from scipy import ndimage
 
-from calibration.bundle import SubjectBundle
+from rtdecoder.bundle import SubjectBundle
 from rtdecoder.config import load_config
 from rtdecoder.decode.protocol import Decoded
 from rtdecoder.errors import BundleError

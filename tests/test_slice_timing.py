@@ -9,7 +9,7 @@ import pytest
 from nilearn.glm.first_level import FirstLevelModel, make_first_level_design_matrix
 from test_calibrate import small_config, tiny_world, write_two_runs
 
-from calibration.betas import estimate_session_betas, find_runs, read_run_volumes
+from rtdecoder.calibration.betas import estimate_session_betas, find_runs, read_run_volumes
 from rtdecoder.config import GLMConfig, config_from_dict
 from rtdecoder.errors import ConfigError
 from rtdecoder.glm.design import slice_time_ref_from

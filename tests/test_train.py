@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from calibration.train import SubjectDataset, finetune, train
+from rtdecoder.calibration.train import SubjectDataset, finetune, train
 from rtdecoder.config import ModelConfig, TrainingConfig
 from rtdecoder.decode.model import MindEye2
 from rtdecoder.errors import BundleError, ConfigError

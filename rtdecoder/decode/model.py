@@ -11,7 +11,7 @@ width ``D``)::
 Every size comes from :class:`~rtdecoder.config.ModelConfig`. One choice differs from the
 reference code on purpose (see docs/mindeye2.md): the backbone is a residual MLP whose blocks
 train (LayerNorm -> Linear -> GELU -> Dropout -> Linear, plus skip). The reference's mixer
-blocks see a sequence of length 1 and collapse to a constant; :mod:`calibration.import_mindeye2`
+blocks see a sequence of length 1 and collapse to a constant; :mod:`rtdecoder.calibration.import_mindeye2`
 reproduces that behaviour by folding them into the token projection's bias and setting
 ``n_blocks=0``.
 

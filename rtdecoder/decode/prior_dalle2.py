@@ -2,7 +2,7 @@
 
 MindEye2 trains the DALL-E 2 prior network of the ``dalle2-pytorch`` package with its own token
 layout. Written here from that design so that a released checkpoint computes the same numbers
-(``calibration/import_mindeye2.py`` maps the keys; ``tests/test_import_mindeye2.py`` compares
+(``rtdecoder/calibration/import_mindeye2.py`` maps the keys; ``tests/test_import_mindeye2.py`` compares
 with outputs of the reference code). What it computes, for ``T`` tokens of width ``D``:
 
 - Tokens: ``T`` brain tokens, one time token, ``T`` noisy image tokens plus a learned per-token

@@ -104,14 +104,6 @@ class CandidateBank:
         )
 
     @classmethod
-    def from_stimulus_bank(cls, bank, embedder, cache_dir: str | Path, progress: bool = True) -> CandidateBank:
-        """Candidates = every stimulus of a :class:`~rtdecoder.phantom.stimuli.StimulusBank`."""
-        from rtdecoder.embedding.cache import EmbeddingCache
-
-        embedding = EmbeddingCache(cache_dir).get_or_compute(embedder, bank, progress=progress)
-        return cls(list(bank.ids), embedding.tokens)
-
-    @classmethod
     def from_folder(cls, folder: str | Path, embedder, cache_dir: str | Path, batch_size: int = 32) -> CandidateBank:
         """Candidates = the images in a folder (ids: file names), embedded once and cached.
 

@@ -102,7 +102,7 @@ def slice_time_ref_from(
 ) -> float:
     """Time within the TR that a volume's sample stands for, s, from ``glm.slice_time_ref_s``.
 
-    The one rule calibration (:func:`calibration.betas.estimate_session_betas`, from each run's
+    The one rule calibration (:func:`rtdecoder.calibration.betas.estimate_session_betas`, from each run's
     first volume) and the live session (from the run's first live volume) both apply, so that the
     live GLM's design is the calibration's.
 

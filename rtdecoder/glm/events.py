@@ -5,7 +5,7 @@ first volume). ``trial_id``, ``stim_id``, ``stim_index`` and ``is_test`` are rea
 ``trial_type`` is kept as written. The phantom world writes all of them. BIDS's own column for the
 image, ``stim_file`` (a path under the dataset's ``stimuli/``, e.g. ``images/nsd_00123.png``),
 names the trial's image when there is no ``stim_id``: the stim_id is the file's stem
-(``nsd_00123``), which is how :mod:`calibration.calibrate` looks images up
+(``nsd_00123``), which is how :mod:`rtdecoder.calibration.calibrate` looks images up
 (``<stim_id>.png``/``.jpg`` in its images folder).
 """
 

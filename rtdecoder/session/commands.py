@@ -67,7 +67,7 @@ def add_session_commands(groups: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from calibration.bundle import SubjectBundle
+    from rtdecoder.bundle import SubjectBundle
     from rtdecoder.config import load_config
     from rtdecoder.session.runner import LiveSession, RunPlan
 
@@ -81,9 +81,7 @@ def _run(args: argparse.Namespace) -> int:
     bundle = SubjectBundle.load(args.bundle) if args.bundle is not None else None
     decoder = None
     if bundle is not None and not args.no_decode:
-        from rtdecoder.decode.live import LiveDecoder
-
-        decoder = LiveDecoder.from_bundle(bundle, config)
+        decoder = _live_decoder(bundle, config)
     mask = reference = None
     if args.reference is not None:
         from rtdecoder.ingest.readers import read_volume
@@ -116,6 +114,17 @@ def _run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 128 + received[0]
     return 0
+
+
+def _live_decoder(bundle, config):
+    """The lab's decoder; the phantom world's candidates and student under the phantom generator."""
+    if config.generator.kind == "phantom":
+        from rtdecoder.phantom.decoding import phantom_live_decoder
+
+        return phantom_live_decoder(bundle, config)
+    from rtdecoder.compose import live_decoder_from_config
+
+    return live_decoder_from_config(bundle, config)
 
 
 def run_plans(args: argparse.Namespace) -> list:

@@ -50,11 +50,11 @@ def run_demo(
         Pretraining epochs for the demo (``None``: ``training.pretrain_epochs``). The demo's
         pretrained model is a quick one; ``bench/bench_calibration.py`` measures the full recipe.
     """
-    from calibration.bundle import SubjectBundle
-    from calibration.calibrate import calibrate
-    from calibration.pretrain import pretrain, subject_id
-    from rtdecoder.decode.live import LiveDecoder
+    from rtdecoder.bundle import SubjectBundle
+    from rtdecoder.calibration.calibrate import calibrate
+    from rtdecoder.calibration.pretrain import pretrain, subject_id
     from rtdecoder.glm.events import write_events_tsv
+    from rtdecoder.phantom.decoding import phantom_live_decoder
     from rtdecoder.phantom.scanner import volumes_from_array, write_run
     from rtdecoder.phantom.world import PhantomWorld
     from rtdecoder.session.report import write_report
@@ -96,7 +96,7 @@ def run_demo(
                   mask=_mask_as_exported(world.subject(held_out), session_dir / "run-01"),
                   pretrained_dir=pretrained, progress=progress)
     bundle = SubjectBundle.load(bundle_dir)
-    decoder = LiveDecoder.from_bundle(bundle, config)
+    decoder = phantom_live_decoder(bundle, config)
 
     live = world.simulate_run(held_out, 1, 0)
     watch_dir = work_dir / "live-export"

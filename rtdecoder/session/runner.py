@@ -64,7 +64,7 @@ from typing import Any
 
 import numpy as np
 
-from calibration.bundle import SubjectBundle
+from rtdecoder.bundle import SubjectBundle
 from rtdecoder.config import RTDecoderConfig
 from rtdecoder.decode.protocol import BetaDecoder, Decoded  # noqa: F401  (Decoded: re-exported for callers)
 from rtdecoder.errors import ConfigError, DecoderError, VolumeError

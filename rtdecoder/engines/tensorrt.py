@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from engines.base import EncoderOutput
-from engines.onnx_export import DENOISER_ONNX, ENCODER_ONNX, read_engine_meta
+from rtdecoder.decode.engine import EncoderOutput
+from rtdecoder.engines.onnx_export import DENOISER_ONNX, ENCODER_ONNX, read_engine_meta
 from rtdecoder.errors import BundleError, DecoderError
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def build_tensorrt_engines(folder: str | Path, max_batch: int = 8, fp16: bool = 
     Parameters
     ----------
     folder : str or Path
-        Written by :func:`engines.onnx_export.export_onnx`.
+        Written by :func:`rtdecoder.engines.onnx_export.export_onnx`.
     max_batch : int, default=8
         Largest batch the optimisation profile allows (optimised for batch 1).
     fp16 : bool, default=True
@@ -138,7 +138,7 @@ def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
 
 
 class TensorRTEngine:
-    """An :class:`~engines.base.Engine` over ``encoder.plan`` and ``denoiser.plan``.
+    """An :class:`~rtdecoder.decode.engine.Engine` over ``encoder.plan`` and ``denoiser.plan``.
 
     Parameters
     ----------
@@ -166,5 +166,5 @@ class TensorRTEngine:
         return EncoderOutput(outputs[0], outputs[1], outputs[2] if len(outputs) > 2 else None)
 
     def denoise(self, noisy: torch.Tensor, t: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
-        """Run the denoiser once; see :class:`~engines.base.Engine`."""
+        """Run the denoiser once; see :class:`~rtdecoder.decode.engine.Engine`."""
         return self._denoiser({"noisy": noisy, "t": t, "brain": brain})[0].to(noisy.dtype)

@@ -6,13 +6,13 @@ Input (:func:`find_runs`), one session in either of two layouts:
   (Siemens MOSAIC or enhanced DICOM, or one NIfTI per volume; a single 4D NIfTI also works but is
   re-read per volume) and an ``events.tsv``. Runs are taken in name order; a session folder that
   holds an ``events.tsv`` itself is one run.
-- A BIDS session (:mod:`calibration.bids`): the ``ses-XX`` folder, its ``func/`` folder, or a
+- A BIDS session (:mod:`rtdecoder.calibration.bids`): the ``ses-XX`` folder, its ``func/`` folder, or a
   ``sub-XX`` folder with one session. Each run is a 4D ``*_bold.nii.gz`` (with its
   ``_bold.json`` sidecar) or a folder of volumes named like the run, with the run's
   ``*_events.tsv`` beside it; runs are ordered by the ``run`` entity, numerically; a session of
   several tasks, acquisitions or echoes needs ``select`` (e.g. ``{"task": "nsd"}``). File names
   are parsed by hand, not with pybids or bidsschematools (the reasons are in
-  :mod:`calibration.bids`).
+  :mod:`rtdecoder.calibration.bids`).
 
 Events files need ``onset`` and ``duration``, and for calibration ``stim_id`` (or BIDS's
 ``stim_file``, whose stem is taken as the stim_id) or ``stim_index``, and ``is_test``; see
@@ -64,7 +64,7 @@ in the units of calibration betas:
 
 Units with fractional ridge: the rescaling keeps each voxel's mean and its linear relation to the
 OLS betas, but ridge betas vary less from trial to trial than OLS betas (that is the denoising),
-so the z-scoring statistics of :mod:`calibration.calibrate` computed on them are narrower than
+so the z-scoring statistics of :mod:`rtdecoder.calibration.calibrate` computed on them are narrower than
 those of the live OLS betas the model will see. The live GLM stays OLS: fractional ridge needs
 the whole session. Not done: GLMdenoise-style noise regressors.
 
@@ -88,7 +88,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from calibration.bids import find_bids_runs, find_func_dir
+from rtdecoder.calibration.bids import find_bids_runs, find_func_dir
 from rtdecoder.config import RTDecoderConfig
 from rtdecoder.errors import BundleError, ConfigError, VolumeError
 from rtdecoder.glm.design import slice_time_ref_from
@@ -263,10 +263,10 @@ def find_runs(session_dir: str | Path, select: Mapping[str, str | int] | None = 
         Either a folder of run folders, each with its volume files and an ``events.tsv`` (taken in
         name order; a folder holding an ``events.tsv`` itself is a single run), or a BIDS session:
         the ``ses-XX`` folder, its ``func/`` folder, or a ``sub-XX`` folder with ``func/`` or one
-        ``ses-XX`` (:func:`calibration.bids.find_func_dir`). A BIDS run is a 4D
+        ``ses-XX`` (:func:`rtdecoder.calibration.bids.find_func_dir`). A BIDS run is a 4D
         ``*_bold.nii.gz`` or a folder of volumes named like the run, with its ``*_events.tsv``
         beside it; runs are ordered by the ``run`` entity, numerically
-        (:func:`calibration.bids.find_bids_runs`).
+        (:func:`rtdecoder.calibration.bids.find_bids_runs`).
     select : mapping of str to str or int, optional
         BIDS only: entity values the runs must have (``{"task": "nsd"}``, ``{"echo": 2}``), for a
         session with several tasks, acquisitions or echoes.

@@ -43,7 +43,7 @@ def add_engines_commands(groups: argparse._SubParsersAction) -> None:
     train.add_argument("--config", default="phantom", help="preset name or YAML file (default: phantom)")
     train.add_argument(
         "--ship", action="store_true",
-        help="also copy the weights into the package (rtdecoder/decode/generators/phantom_weights), "
+        help="also copy the weights into the package (rtdecoder/phantom/generator_weights), "
         "so installs of this source tree start with them",
     )
     train.set_defaults(handler=_train_generator)
@@ -67,10 +67,10 @@ def _engines(model, subject: str, folder: Path) -> list:
     """Every backend that can run here, torch eager first."""
     import torch
 
-    from engines.onnx_export import ENGINE_META_NAME
-    from engines.onnx_runtime import OnnxRuntimeEngine
-    from engines.tensorrt import TensorRTEngine
-    from engines.torch_backend import TorchEngine
+    from rtdecoder.engines.onnx_export import ENGINE_META_NAME
+    from rtdecoder.engines.onnx_runtime import OnnxRuntimeEngine
+    from rtdecoder.engines.tensorrt import TensorRTEngine
+    from rtdecoder.engines.torch_backend import TorchEngine
 
     found = [TorchEngine(model, subject)]
     if (folder / ENGINE_META_NAME).is_file():
@@ -83,12 +83,12 @@ def _engines(model, subject: str, folder: Path) -> list:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from engines.onnx_export import export_onnx
+    from rtdecoder.engines.onnx_export import export_onnx
 
     config, model, folder = _setup(args)
     export_onnx(model, args.subject, folder, opset=config.generator.onnx_opset)
     if args.backend == "tensorrt":
-        from engines.tensorrt import build_tensorrt_engines
+        from rtdecoder.engines.tensorrt import build_tensorrt_engines
 
         build_tensorrt_engines(folder, config.generator.max_batch, config.generator.tensorrt_fp16)
     print(f"engines written to {folder}")
@@ -98,7 +98,7 @@ def _build(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     import torch
 
-    from engines.base import compare_engines
+    from rtdecoder.decode.engine import compare_engines
 
     _, model, folder = _setup(args)
     engines = _engines(model, args.subject, folder)
@@ -123,7 +123,7 @@ def _bench(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from engines.base import sample_prior
+    from rtdecoder.decode.engine import sample_prior
 
     _, model, folder = _setup(args)
     steps = args.steps or model.config.prior_sample_steps
@@ -147,8 +147,8 @@ def _train_generator(args: argparse.Namespace) -> int:
     import torch
 
     from rtdecoder.config import load_config
-    from rtdecoder.decode.generators.distill import load_or_distill_phantom_student
-    from rtdecoder.decode.generators.phantom_unet import load_or_train_phantom_generator
+    from rtdecoder.phantom.distill import load_or_distill_phantom_student
+    from rtdecoder.phantom.generator import load_or_train_phantom_generator
 
     torch.set_num_threads(2)
     config = load_config(args.config)
@@ -159,7 +159,7 @@ def _train_generator(args: argparse.Namespace) -> int:
     if args.ship:
         import shutil
 
-        from rtdecoder.decode.generators.phantom_unet import SHIPPED_WEIGHTS_DIR, phantom_cache_key
+        from rtdecoder.phantom.generator import SHIPPED_WEIGHTS_DIR, phantom_cache_key
 
         name = f"phantom-{phantom_cache_key(config)}"
         for role in ("teacher", "student"):

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.base import EncoderOutput
-from engines.onnx_export import DENOISER_ONNX, ENCODER_ONNX, read_engine_meta
+from rtdecoder.decode.engine import EncoderOutput
+from rtdecoder.engines.onnx_export import DENOISER_ONNX, ENCODER_ONNX, read_engine_meta
 from rtdecoder.errors import DecoderError
 
 
@@ -21,12 +21,12 @@ def available_providers() -> list[str]:
 
 
 class OnnxRuntimeEngine:
-    """An :class:`~engines.base.Engine` over ``encoder.onnx`` and ``denoiser.onnx``.
+    """An :class:`~rtdecoder.decode.engine.Engine` over ``encoder.onnx`` and ``denoiser.onnx``.
 
     Parameters
     ----------
     folder : str or Path
-        Written by :func:`engines.onnx_export.export_onnx`.
+        Written by :func:`rtdecoder.engines.onnx_export.export_onnx`.
     providers : list of str, optional
         Defaults to :func:`available_providers`.
     n_threads : int, default=1
@@ -50,7 +50,7 @@ class OnnxRuntimeEngine:
         self.device = torch.device("cpu")  # feeds are numpy arrays whatever the provider
 
     def encode(self, betas: torch.Tensor) -> EncoderOutput:
-        """Run the encoder on (B, V) float32 betas; see :class:`~engines.base.Engine`."""
+        """Run the encoder on (B, V) float32 betas; see :class:`~rtdecoder.decode.engine.Engine`."""
         n_voxels = self.meta["n_voxels"]
         if betas.ndim != 2 or betas.shape[1] != n_voxels:
             raise DecoderError(
@@ -62,7 +62,7 @@ class OnnxRuntimeEngine:
         return EncoderOutput(tensors[0], tensors[1], tensors[2] if len(tensors) > 2 else None)
 
     def denoise(self, noisy: torch.Tensor, t: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
-        """Run the denoiser once; see :class:`~engines.base.Engine`."""
+        """Run the denoiser once; see :class:`~rtdecoder.decode.engine.Engine`."""
         feeds = {"noisy": _numpy(noisy), "t": t.detach().cpu().numpy().astype(np.int64), "brain": _numpy(brain)}
         return torch.from_numpy(self.denoiser.run(None, feeds)[0])
 

@@ -8,7 +8,7 @@ EfficientNet-Lite0) after a LayerNorm and a linear projection to ``phantom_cross
 Diffusion is continuous-time with the cosine schedule ``alpha = cos(pi t / 2)``,
 ``sigma = sin(pi t / 2)``, ``t`` in [0, 1], and the network predicts ``v = alpha eps - sigma x``
 (well-behaved at both ends, which progressive distillation in
-:mod:`~rtdecoder.decode.generators.distill` needs). Sampling is deterministic DDIM on a uniform
+:mod:`~rtdecoder.phantom.distill` needs). Sampling is deterministic DDIM on a uniform
 grid of ``n_steps`` from t=1 (pure noise) to t=0.
 
 Build it with ``rtdecoder engines train-generator`` (or :func:`load_or_train_phantom_generator`,
@@ -278,7 +278,7 @@ def phantom_cache_key(config: Any) -> str:
 
 
 HELD_OUT_FRACTION = 0.1
-SHIPPED_WEIGHTS_DIR = Path(__file__).parent / "phantom_weights"
+SHIPPED_WEIGHTS_DIR = Path(__file__).parent / "generator_weights"
 
 
 def phantom_weights_folder(config: Any, role: str) -> Path:

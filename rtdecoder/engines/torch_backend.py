@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engines.base import BrainEncoder, EncoderOutput, PriorDenoiser
+from rtdecoder.decode.engine import BrainEncoder, EncoderOutput, PriorDenoiser
 from rtdecoder.errors import DecoderError
 
 
 class TorchEngine:
-    """An :class:`~engines.base.Engine` running the model's own modules.
+    """An :class:`~rtdecoder.decode.engine.Engine` running the model's own modules.
 
     Parameters
     ----------
@@ -60,6 +60,6 @@ class TorchEngine:
 
     @torch.no_grad()
     def denoise(self, noisy: torch.Tensor, t: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
-        """Run the denoiser once; see :class:`~engines.base.Engine`."""
+        """Run the denoiser once; see :class:`~rtdecoder.decode.engine.Engine`."""
         x0 = self._denoiser(noisy.to(self.device, self.dtype), t.to(self.device), brain.to(self.device, self.dtype))
         return x0.to(noisy.dtype).clone()

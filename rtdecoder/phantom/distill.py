@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from rtdecoder.decode.generators.base import from_uint8
-from rtdecoder.decode.generators.phantom_unet import (
+from rtdecoder.errors import ConfigError
+from rtdecoder.phantom.generator import (
     WEIGHTS_NAME,
     PhantomGenerator,
     PhantomGeneratorNet,
@@ -37,7 +38,6 @@ from rtdecoder.decode.generators.phantom_unet import (
     phantom_weights_folder,
     save_phantom_net,
 )
-from rtdecoder.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def load_or_distill_phantom_student(config: Any, progress: bool = True) -> Phant
     """The distilled phantom student (``generator.student_steps`` steps), made on first use and cached.
 
     Loads (or trains) the teacher with
-    :func:`~rtdecoder.decode.generators.phantom_unet.load_or_train_phantom_generator`, then
+    :func:`~rtdecoder.phantom.generator.load_or_train_phantom_generator`, then
     distils on the same training stimuli; weights go to ``.../phantom-<key>/student``.
     """
     gen = config.generator

@@ -405,7 +405,7 @@ def _take(state: Mapping[str, torch.Tensor], key: str, used: set[str], origin: s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m calibration.import_mindeye2 last.pth OUT_DIR --subjects subj02 ...``."""
+    """``python -m rtdecoder.calibration.import_mindeye2 last.pth OUT_DIR --subjects subj02 ...``."""
     parser = argparse.ArgumentParser(description="Convert a released MindEyeV2 last.pth to a model folder.")
     parser.add_argument("checkpoint", help="the released last.pth")
     parser.add_argument("out_dir", help="folder to write config.json and model.safetensors into")

@@ -19,7 +19,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engines.base import DENOISER_INPUTS, DENOISER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, BrainEncoder, PriorDenoiser
+from rtdecoder.decode.engine import (
+    DENOISER_INPUTS,
+    DENOISER_OUTPUTS,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    BrainEncoder,
+    PriorDenoiser,
+)
 from rtdecoder.errors import BundleError
 
 logger = logging.getLogger(__name__)

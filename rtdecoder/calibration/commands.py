@@ -63,9 +63,9 @@ def add_calibration_commands(groups: argparse._SubParsersAction) -> None:
 def _calibrate(args: argparse.Namespace) -> int:
     import torch
 
-    from calibration.betas import find_runs
-    from calibration.calibrate import calibrate, missing_mask_message, write_reference, written_by_phantom
-    from calibration.pretrain import subject_index
+    from rtdecoder.calibration.betas import find_runs
+    from rtdecoder.calibration.calibrate import calibrate, missing_mask_message, write_reference, written_by_phantom
+    from rtdecoder.calibration.pretrain import subject_index
     from rtdecoder.config import load_config
     from rtdecoder.errors import BundleError
     from rtdecoder.preprocess.mask import VoxelMask
@@ -122,7 +122,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _pretrain(args: argparse.Namespace) -> int:
     import torch
 
-    from calibration.pretrain import pretrain
+    from rtdecoder.calibration.pretrain import pretrain
     from rtdecoder.config import load_config
     from rtdecoder.phantom.generate import parse_index_list
 

@@ -2,13 +2,13 @@
 
 :func:`calibrate` is what ``rtdecoder calibrate`` runs:
 
-1. single-trial betas of the session (:func:`calibration.betas.estimate_session_betas`), saved
+1. single-trial betas of the session (:func:`rtdecoder.calibration.betas.estimate_session_betas`), saved
    under ``<bundle>/betas/``;
 2. test-image trials (``is_test`` in ``events.tsv``) are held out; per-voxel mean and standard
    deviation of the remaining (training) betas become the bundle's ``beta_mean``/``beta_std``,
    and every beta is z-scored with them (the live decoder does the same with live betas);
 3. the pretrained shared model gets a fresh adapter for this subject's voxel count and the whole
-   model is trained on the training trials (:func:`calibration.train.finetune`); without a
+   model is trained on the training trials (:func:`rtdecoder.calibration.train.finetune`); without a
    pretrained model it is trained from scratch with the same recipe;
 4. held-out evaluation: repeats of a test image are averaged, then image and brain retrieval
    top-1 among 300 (or all held-out images when fewer; :func:`rtdecoder.decode.metrics.retrieval_top1`);
@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from calibration.betas import SessionBetas, estimate_session_betas, save_betas
-from calibration.bundle import SubjectBundle
+from rtdecoder.bundle import SubjectBundle
+from rtdecoder.calibration.betas import SessionBetas, estimate_session_betas, save_betas
 from rtdecoder.config import RTDecoderConfig
 from rtdecoder.errors import BundleError, ConfigError
 from rtdecoder.preprocess.mask import VoxelMask
@@ -226,7 +226,7 @@ def calibrate(
     ----------
     config : RTDecoderConfig
     session_dir : str or Path
-        Run folders as the scanner wrote them (see :mod:`calibration.betas`).
+        Run folders as the scanner wrote them (see :mod:`rtdecoder.calibration.betas`).
     out_dir : str or Path
         The bundle folder.
     subject_id : str
@@ -258,7 +258,7 @@ def calibrate(
     """
     import torch
 
-    from calibration.train import SubjectDataset, finetune, train
+    from rtdecoder.calibration.train import SubjectDataset, finetune, train
     from rtdecoder.decode.model import MindEye2
 
     started = time.perf_counter()
@@ -356,7 +356,7 @@ def write_reference(
     Parameters
     ----------
     session_dir : str or Path
-        The calibration session (:func:`calibration.betas.find_runs`).
+        The calibration session (:func:`rtdecoder.calibration.betas.find_runs`).
     out_path : str or Path
         The NIfTI file to write (``.nii`` or ``.nii.gz``), float32, in the session's voxel order.
     reference : str or Path, optional
@@ -369,7 +369,7 @@ def write_reference(
     """
     import nibabel as nib
 
-    from calibration.betas import choose_reference, find_runs, read_run_volumes
+    from rtdecoder.calibration.betas import choose_reference, find_runs, read_run_volumes
 
     out_path = Path(out_path)
     if not out_path.name.lower().endswith((".nii", ".nii.gz")):
@@ -402,7 +402,7 @@ def written_by_phantom(session_dir: str | Path) -> bool:
     """
     import json
 
-    from calibration.betas import find_runs
+    from rtdecoder.calibration.betas import find_runs
 
     runs = find_runs(session_dir)
     first = runs[0].volume_paths[0]

@@ -180,7 +180,7 @@ def pretrain(
     """
     import torch
 
-    from calibration.train import SubjectDataset, train
+    from rtdecoder.calibration.train import SubjectDataset, train
     from rtdecoder.decode.model import MindEye2
     from rtdecoder.phantom.world import PhantomWorld
 
