@@ -361,6 +361,42 @@ class SessionConfig(Section):
     journal_fsync: bool = True
 
 
+class ViewConfig(Section):
+    """The operator's live view: a read-only web page that follows the session's own message stream.
+
+    It binds to loopback unless ``host`` says otherwise; bound beyond loopback, every request must
+    carry ``token`` (one is drawn at start when none is set) in its URL.
+    """
+
+    enabled: bool = Field(False, description="serve the view with 'rtdecoder run' (also: --view)")
+    host: str = Field("127.0.0.1", description="interface to bind; anything but loopback needs the token")
+    port: int = Field(8765, ge=0, le=65535, description="TCP port of the page (0: any free port)")
+    token: str | None = Field(
+        None, min_length=16, description="secret every request must carry as ?token=... (required beyond loopback; "
+        "drawn at start when not set)"
+    )
+    fd_threshold_mm: float = Field(0.9, gt=0.0, description="framewise displacement drawn as the limit, mm")
+    history_runs: int = Field(16, ge=1, description="runs kept in the view (a whole session of 12 fits)")
+    run_volumes: int = Field(4000, ge=10, description="volumes kept per run (the latest)")
+    run_trials: int = Field(200, ge=1, description="decoded trials kept per run (the latest)")
+    run_events: int = Field(200, ge=1, description="file problems and state changes kept per run")
+    images: int = Field(400, ge=1, description="reconstructions (PNG) kept in memory, over all runs")
+    thumbnail_px: int = Field(96, ge=16, le=512, description="edge of a candidate thumbnail, pixels")
+    thumbnail_cache: int = Field(512, ge=1, description="candidate thumbnails kept encoded")
+    max_clients: int = Field(8, ge=1, description="pages following the session at once")
+    client_secret_key_file: str | None = Field(
+        None, description="with publish.curve: the view's CURVE secret key (an authorised client's .key_secret)"
+    )
+    server_public_key_file: str | None = Field(None, description="with publish.curve: the session's server.key")
+
+    @field_validator("token")
+    @classmethod
+    def _token_is_url_safe(cls, value: str | None) -> str | None:
+        if value is not None and not all(c.isalnum() or c in "-_" for c in value):
+            raise ValueError("expected letters, digits, '-' and '_' only (it travels in the URL)")
+        return value
+
+
 class RTDecoderConfig(Section):
     """The whole configuration: one section per stage of the data's path."""
 
@@ -378,6 +414,7 @@ class RTDecoderConfig(Section):
     generator: GeneratorConfig = GeneratorConfig()
     publish: PublishConfig = PublishConfig()
     session: SessionConfig = SessionConfig()
+    view: ViewConfig = ViewConfig()
 
     @model_validator(mode="after")
     def _model_matches_embedding(self) -> RTDecoderConfig:

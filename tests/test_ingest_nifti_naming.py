@@ -219,7 +219,7 @@ def test_file_without_tr_takes_the_runs_tr(tmp_path, rng):
         _write(tmp_path, "vol_0002.nii", data[1], tr_s=None, sidecar={"RepetitionTime": 0.8}), default_tr_s=1.25
     )
     assert (with_sidecar.tr_s, with_sidecar.tr_source) == (0.8, "sidecar")
-    with pytest.raises(ValueError, match="default_tr_s must be a TR in seconds > 0"):
+    with pytest.raises(ValueError, match="default_tr_s: expected the run's TR in seconds > 0"):
         read_volume(bare, default_tr_s=0.0)
 
 

@@ -65,7 +65,7 @@ import nibabel as nib
 import numpy as np
 from pydicom.valuerep import DT
 
-from rtdecoder.errors import IncompleteVolumeError, VolumeError
+from rtdecoder.errors import ConfigError, IncompleteVolumeError, VolumeError
 from rtdecoder.ingest.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -213,10 +213,12 @@ def read_nifti(path: str | Path, index_hint: int | None = None, default_tr_s: fl
         When the file is not NIfTI, has no TR and none is given, carries a converter's volume
         number below 1, or the requested 4D volume is past its length.
     ValueError
-        When ``default_tr_s`` is not a positive number.
+        When ``default_tr_s`` is not a positive number (ConfigError).
     """
     if default_tr_s is not None and not (math.isfinite(default_tr_s) and default_tr_s > 0):
-        raise ValueError(f"default_tr_s must be a TR in seconds > 0 (got {default_tr_s})")
+        raise ConfigError(
+            f"default_tr_s: expected the run's TR in seconds > 0 (--tr-s / scanner.tr_s) (got {default_tr_s})"
+        )
     path = Path(path)
     compressed = path.name.lower().endswith(".gz")
     try:
@@ -378,8 +380,16 @@ def _sidecar_int(sidecar: dict, field: str, path: Path, series: str) -> int | No
     return None
 
 
+def _time_unit(image: nib.Nifti1Image) -> str:
+    """The header's time unit (``xyzt_units``), or ``"unknown"`` for a code NIfTI does not define."""
+    try:
+        return image.header.get_xyzt_units()[1]
+    except KeyError:  # nibabel raises on codes outside the standard's table; the TR is then not in the header
+        return "unknown"
+
+
 def _header_tr_s(image: nib.Nifti1Image) -> float | None:
-    _, time_unit = image.header.get_xyzt_units()
+    time_unit = _time_unit(image)
     pixdim_t = float(image.header["pixdim"][4])
     # Without a time unit pixdim[4] may be s or ms (or nibabel's placeholder 1), so it is no TR.
     if pixdim_t > 0 and math.isfinite(pixdim_t) and time_unit in _TIME_UNIT_S:
@@ -391,7 +401,7 @@ def _tr_s(
     image: nib.Nifti1Image, sidecar: dict, path: Path, series: str, default_tr_s: float | None
 ) -> tuple[float, str]:
     header_tr_s = _header_tr_s(image)
-    _, time_unit = image.header.get_xyzt_units()
+    time_unit = _time_unit(image)
     header_says = f"pixdim[4] = {float(image.header['pixdim'][4]):g} {time_unit}"
     value = sidecar.get("RepetitionTime")
     if value is not None:
@@ -435,8 +445,7 @@ def _slice_times_s(image: nib.Nifti1Image, sidecar: dict, path: Path, series: st
         times = np.asarray(header.get_slice_times(), dtype=float)
     except nib.spatialimages.HeaderDataError as err:
         raise VolumeError(f"{path}: slice_code/slice_duration: inconsistent ({err})") from None
-    _, time_unit = header.get_xyzt_units()
-    return times * _TIME_UNIT_S.get(time_unit, 1.0)
+    return times * _TIME_UNIT_S.get(_time_unit(image), 1.0)
 
 
 def _sidecar_slice_times_s(

@@ -609,7 +609,9 @@ class _SessionDriver:
                 return
             run = session._run
             if isinstance(request, RunEndRequest):
-                if run is not None:
+                if run is not None and request.run not in (None, run.plan.run):
+                    logger.warning("run_end for %s while %s is running; ignored", request.run, run.plan.run)
+                elif run is not None:
                     run.request_end("run_end_request")
             elif isinstance(request, RunStartRequest):
                 if run is not None:
