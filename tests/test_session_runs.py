@@ -96,7 +96,7 @@ def test_four_runs_in_one_process_each_ended_by_another_rule(tmp_path, rng) -> N
     thread.start()
     assert session.ready.wait(10)
     _write_nifti(volumes, affine, watch / "series-1")
-    _write_nifti(volumes, affine, watch / "series-2")  # its trials outlast 36 volumes: the next series ends it
+    _write_nifti(volumes, affine, watch / "series-2", n=30)  # its events last 36 volumes: the next series ends it
     _write_nifti(volumes, affine, watch / "series-3", n=20)
     deadline = time.monotonic() + 30
     while len(_volume_indices(_published(session_dir), "run-03")) < 20 and time.monotonic() < deadline:
@@ -116,7 +116,7 @@ def test_four_runs_in_one_process_each_ended_by_another_rule(tmp_path, rng) -> N
     published = _published(session_dir)
     assert [m["seq"] for m in published] == list(range(len(published)))
     assert _volume_indices(published, "run-01") == list(range(20))
-    assert _volume_indices(published, "run-02") == list(range(36))
+    assert _volume_indices(published, "run-02") == list(range(30))
     assert _volume_indices(published, "run-03") == list(range(20))
     assert _volume_indices(published, "run-04") == list(range(10))
     for run, expected in (("run-01", short), ("run-02", trials)):
@@ -285,3 +285,34 @@ def test_real_skyra_run_through_the_cli_without_a_bundle(tmp_path, real_dicom_di
     # volumes 0-9 (the truncated copy of volume 5 is not complete and never replaces it)
     assert _volume_indices(published, "run-01") == list(range(10))
     assert "ended by idle_timeout" in out
+
+
+def test_the_first_volume_after_a_resume_measures_fd_from_the_last_journaled_motion(rng) -> None:
+    from scipy import ndimage
+
+    from rtdecoder.ingest.volume import Volume
+    from rtdecoder.preprocess.mask import OnlineNormaliser, VoxelMask
+    from rtdecoder.preprocess.motion import MotionCorrector
+    from rtdecoder.session.frontend import FrontEnd
+
+    volumes, affine, _trials, bundle, _ = _synthetic_run(rng)
+    shifts_vox = [0.0, 0.0, 0.3, 0.3, 0.6, 0.6]  # the head moves along x between volumes 1-2 and 3-4
+    moved = [ndimage.shift(volumes[..., i], (s, 0, 0), order=3, mode="nearest") for i, s in enumerate(shifts_vox)]
+
+    def frontend() -> FrontEnd:
+        motion = MotionCorrector(n_samples=2000).set_reference(bundle.reference, affine)
+        mask = VoxelMask(bundle.mask, affine)
+        normaliser = OnlineNormaliser.from_stats(bundle.signal_mean, bundle.signal_mean / 100.0)
+        return FrontEnd(mask, None, normaliser, motion).start()
+
+    def volume(i: int) -> Volume:
+        return Volume(moved[i].astype(np.float32), affine, TR_S, i)
+
+    whole = frontend()
+    uninterrupted = [whole.process(volume(i)) for i in range(6)]
+    resumed = frontend()
+    for processed in uninterrupted[:4]:  # what the journal held when the process was killed
+        resumed.replay(processed.tr_index, processed.values, processed.motion.params)
+    after = resumed.process(volume(4))
+    assert uninterrupted[4].motion.fd_mm > 0.5
+    assert after.motion.fd_mm == pytest.approx(uninterrupted[4].motion.fd_mm, rel=1e-3)

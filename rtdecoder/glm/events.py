@@ -88,6 +88,10 @@ def read_events_tsv(path: str | Path) -> list[Trial]:
             rows = list(csv.reader(handle, delimiter="\t"))
     except OSError as err:
         raise EventsFileError(f"{path}: cannot read events file: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise EventsFileError(
+            f"{path}: byte {err.start}: not text; expected a tab-separated BIDS events.tsv in UTF-8"
+        ) from None
     if not rows:
         raise EventsFileError(f"{path}: empty; expected a header row with at least onset and duration")
     header = rows[0]

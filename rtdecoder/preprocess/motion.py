@@ -364,6 +364,15 @@ class MotionCorrector:
         self.params_ = np.zeros(6)
         self._previous_params: np.ndarray | None = None
 
+    def continue_from(self, params: np.ndarray) -> None:
+        """Take up a run after a restart: the last estimate before it is the warm start and the FD baseline."""
+        self._require_reference("continue_from")
+        params = np.asarray(params, dtype=np.float64)
+        if params.shape != (6,) or not np.all(np.isfinite(params)):
+            raise VolumeError(f"motion parameters: expected 6 finite values (got shape {params.shape})")
+        self.params_ = params.copy()
+        self._previous_params = params.copy()
+
     def estimate(self, volume_data: np.ndarray) -> MotionEstimate:
         """Estimate the rigid motion of one volume relative to the reference.
 

@@ -123,6 +123,9 @@ class FrontEnd:
     def replay(self, tr_index: int, values: np.ndarray, motion_params: np.ndarray) -> list[TrialBeta]:
         """Feed an already-preprocessed volume (from the journal) to the GLM."""
         self._require_started("replay")
+        if self.motion is not None and motion_params is not None:
+            # The next live volume's FD is measured from the last journaled estimate, not from zero.
+            self.motion.continue_from(motion_params)
         if self.glm is None:
             return []
         return self.glm.update(tr_index, np.asarray(values, dtype=np.float32), np.asarray(motion_params))

@@ -99,6 +99,15 @@ class Journal:
             When the file is damaged before its end (unreadable bytes followed by whole records),
             is a format 1 journal, or is not an rtdecoder journal. The file is not changed.
         """
+        try:
+            return self._open(on_record)
+        except OSError as err:  # an unwritable, missing or wrong --session-dir
+            raise JournalError(
+                f"{self.path}: cannot open the session journal: {err.strerror or err}; expected a writable "
+                "--session-dir (a folder, created if absent)"
+            ) from None
+
+    def _open(self, on_record: Callable[[dict[str, Any]], None] | None) -> Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         take = on_record if on_record is not None else self.records_.append
         good_end = 0
@@ -142,10 +151,16 @@ class Journal:
         length = _LENGTH.pack(len(body))
         frame = _HEAD.pack(_MARK, len(body), zlib.crc32(_MARK + length)) + body + _CRC.pack(zlib.crc32(body))
         with self._lock:
-            self._file.write(frame)
-            self._file.flush()
-            if self.fsync:
-                os.fsync(self._file.fileno())
+            try:
+                self._file.write(frame)
+                self._file.flush()
+                if self.fsync:
+                    os.fsync(self._file.fileno())
+            except OSError as err:  # a full disk: nothing more can be recorded, so nothing more may be sent
+                raise JournalError(
+                    f"{self.path}: cannot write the session journal: {err.strerror or err}; free space (or fix "
+                    "the folder), then start again on the same --session-dir to resume"
+                ) from None
 
     def close(self) -> None:
         """Close the file (records already appended are on disk)."""

@@ -67,7 +67,7 @@ import numpy as np
 from rtdecoder.bundle import SubjectBundle
 from rtdecoder.config import RTDecoderConfig
 from rtdecoder.decode.protocol import BetaDecoder, Decoded  # noqa: F401  (Decoded: re-exported for callers)
-from rtdecoder.errors import ConfigError, DecoderError, VolumeError
+from rtdecoder.errors import ConfigError, DecoderError, JournalError, VolumeError
 from rtdecoder.glm.design import TrialLike
 from rtdecoder.glm.incremental import IncrementalGLM, TrialBeta
 from rtdecoder.ingest.ordering import MissingVolume, VolumeOrderer
@@ -352,8 +352,7 @@ class LiveSession:
         try:
             driver.serve()
         except DecoderError as err:
-            run = self._run.plan.run if self._run is not None else None
-            self.publish("status", {"state": "error", "run": run, "message": str(err)}, {})
+            self._publish_error(err)
             raise
         finally:
             if self._worker is not None:
@@ -380,6 +379,19 @@ class LiveSession:
             self._journal.append({"kind": "published", "message": message.to_dict()})
             self.publisher.send(message)
         return message
+
+    def _publish_error(self, err: DecoderError) -> None:
+        """Tell the subscribers why the session stops, journaled when the journal can still be written."""
+        data = {"state": "error", "run": self._run.plan.run if self._run is not None else None, "message": str(err)}
+        try:
+            self.publish("status", data, {})
+        except JournalError:
+            # The disk is full (or gone): the one message sent without a journal record. Its
+            # sequence number is not on disk, so a resume may number another message the same.
+            with self._publish_lock:
+                message = self.publisher.make_message("status", data | {"journaled": False}, {})
+                message.t["published"] = time.time()
+                self.publisher.send(message)
 
     def _status(self) -> dict[str, Any]:
         run = self._run
