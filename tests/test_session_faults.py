@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -9,10 +10,11 @@ import threading
 import time
 
 import numpy as np
+import pytest
 from test_session import _synthetic_run, _write
 from test_session_runs import _front_end_config, _published, _volume_indices
 
-from rtdecoder.errors import JournalError
+from rtdecoder.errors import JournalError, ProtocolError
 from rtdecoder.glm.events import write_events_tsv
 from rtdecoder.publish.client import ResultSubscriber
 from rtdecoder.session.journal import read_records
@@ -113,3 +115,70 @@ def test_binary_or_misplaced_inputs_are_one_line_errors(tmp_path) -> None:
         assert result.returncode == 1, (flag, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("rtdecoder: error:") and expected in lines[0], lines
+
+
+def test_one_run_survives_every_kind_of_hostile_input(tmp_path, rng, real_dicom_dir) -> None:
+    import shutil
+
+    import nibabel as nib
+    import zmq
+    from test_session import OVERRIDES, FakeDecoder
+
+    from rtdecoder.config import load_config
+    from rtdecoder.phantom.scanner import volumes_from_array, write_run
+    from rtdecoder.publish.client import ControlClient
+
+    volumes, affine, trials, bundle, _ = _synthetic_run(rng)
+    watch, session_dir = tmp_path / "export", tmp_path / "session"
+    watch.mkdir()
+    config = load_config("phantom", overrides={**OVERRIDES, "publish": {**OVERRIDES["publish"], "encoding": "json"}})
+    session = LiveSession(config, bundle, session_dir, FakeDecoder())
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(s=session.run(RunPlan("run-01", watch, 36, 1.6, trials))),
+                              daemon=True)
+    thread.start()
+    assert session.ready.wait(10)
+    control = ControlClient(session.publisher.control_endpoint_, encoding="json")
+    _write(volumes[..., :7], affine, watch)
+    # 1. a NaN volume in the place of volume 7
+    nan_volume = np.full(volumes.shape[:3], np.nan, np.float32)
+    image = nib.Nifti1Image(nan_volume, affine)
+    image.header.set_xyzt_units("mm", "sec")
+    image.header["pixdim"][4] = 1.6
+    nib.save(image, str(watch / "vol_00007.nii"))
+    # 2. a malformed DICOM, 3. a stray volume of another series (a real Skyra file, volume 4)
+    # A malformed header value, as fuzzing found: PixelSpacing (0028,0030) '3\\3 ' becomes '3\\Q '.
+    raw = (real_dicom_dir / "skyra-mosaic-rtcloud" / "001_000013_000003.dcm").read_bytes()
+    spacing = b"(\x000\x00DS\x04\x003\\3 "
+    assert raw.count(spacing) == 1
+    (watch / "broken.dcm").write_bytes(raw.replace(spacing, spacing[:-2] + b"Q "))
+    shutil.copy(real_dicom_dir / "skyra-mosaic-rtcloud" / "001_000013_000005.dcm", watch / "stray.dcm")
+    # 4. a bad onset request, 5. a deeply nested JSON request
+    with pytest.raises(ProtocolError, match="field 'onset_s': expected a finite number"):
+        control.request("onset", trial_id="x1", onset_s="abc")
+    raw = zmq.Context.instance().socket(zmq.REQ)
+    raw.connect(session.publisher.control_endpoint_)
+    raw.send(b"[" * 100000)
+    assert raw.poll(5000) and json.loads(raw.recv())["ok"] is False
+    raw.close(linger=0)
+    assert control.status()["ok"]  # the control thread lives on
+    control.close()
+    rest = [v for v in volumes_from_array(volumes, affine, 1.6, None, series="run-01") if v.index >= 8]
+    write_run(rest, watch, format="nifti", tr_s=1.6, speed=80.0)
+    thread.join(60)
+    assert not thread.is_alive() and "s" in outcome
+    published = _published(session_dir)
+    assert [m["seq"] for m in published] == list(range(len(published)))
+    volume_messages = [m["data"] for m in published if m["topic"] == "volume"]
+    assert [v["tr_index"] for v in volume_messages] == list(range(36))
+    assert [v["tr_index"] for v in volume_messages if v["missing"]] == [7]
+    problems = " ".join(m["data"]["message"] for m in published if m["topic"] == "status"
+                        and m["data"]["state"] == "file_problem")
+    assert "vol_00007.nii" in problems and "non-finite" in problems
+    assert "broken.dcm" in problems and "stray.dcm" in problems
+    for name in ("vol_00007.nii", "broken.dcm", "stray.dcm"):  # each reported once, not once per file event
+        assert problems.count(f"{name}:") == 1, (name, problems)
+    firsts = {m["data"]["trial_id"] for m in published if m["topic"] == "beta" and not m["data"]["is_update"]
+              and not m["data"]["is_final"]}
+    assert firsts == {t.trial_id for t in trials}
+    assert {m["data"]["trial_id"] for m in published if m["topic"] == "decode"} == firsts

@@ -75,6 +75,7 @@ class _Pending:
     next_volume: int = 0  # volumes already taken from a growing 4D NIfTI
     reported: bool = False
     numbering_failed: tuple[Path, str] | None = None  # (folder, series) whose numbering refused it
+    reported_stamp: tuple[int, int] | None = None  # (size, mtime_ns) of the content reported
 
 
 def is_volume_file(path: str | Path) -> bool:
@@ -165,6 +166,10 @@ class VolumeCollector:
         state = self._pending.get(path)
         if state is None:
             state = self._pending[path] = _Pending(seen_s=self.clock())
+        if state.reported and state.reported_stamp == _stamp(path):
+            # More events for the bytes already reported (a close after a write, a touch): one
+            # report per content, not one per event.
+            return []
         state.reported = False  # a change after a report earns a new timeout window
         return self._take(path, state)
 
@@ -253,11 +258,21 @@ class VolumeCollector:
 
     def _report(self, path: Path, state: _Pending, err: VolumeError) -> None:
         state.reported = True
+        state.reported_stamp = _stamp(path)
         problem = FileProblem(path=path, seen_s=state.seen_s, reported_s=self.clock(), error=err)
         self.problems_.append(problem)
         logger.error("cannot take %s: %s", path, err)
         if self.on_problem is not None:
             self.on_problem(problem)
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """A file's size and modification time (ns), which change when its content does."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_size, info.st_mtime_ns
 
 
 class _EventForwarder(FileSystemEventHandler):
