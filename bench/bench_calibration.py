@@ -60,7 +60,9 @@ from rtdecoder.calibration.calibrate import (
 from rtdecoder.calibration.pretrain import pretrain, subject_id
 from rtdecoder.calibration.train import SubjectDataset, finetune
 from rtdecoder.config import load_config
+from rtdecoder.embedding.cache import ImageTokens
 from rtdecoder.glm.events import write_events_tsv
+from rtdecoder.phantom.decoding import phantom_image_tokens
 from rtdecoder.phantom.generate import parse_index_list
 from rtdecoder.phantom.scanner import volumes_from_array, write_run
 from rtdecoder.phantom.world import PhantomWorld
@@ -99,7 +101,8 @@ def main() -> None:
     pre_sessions = parse_index_list(args.pretrain_sessions, exp.sessions_per_subject, "--pretrain-sessions")
     work = Path(args.work)
     world = PhantomWorld(config, progress=False)
-    tokens = world.embedding.tokens
+    # The bank's tokens with their stim_ids: trials are matched to images by stim_id, as a lab's are.
+    tokens = phantom_image_tokens(config, world=world)
     sid = subject_id(HELD_OUT)
     seconds: dict[str, float] = {}
 
@@ -137,7 +140,7 @@ def main() -> None:
             bundle_dir = work / f"bundle-{name[0]}" if seed == seeds[0] else work / f"bundle-{name[0]}-seed{seed}"
             started = time.perf_counter()
             report = calibrate(seeded, session_dirs[0], bundle_dir, sid, mask, pretrained_dir=pretrained,
-                               session=session, bank_tokens=tokens, embedding_name="phantom")
+                               session=session, images=tokens)
             seconds[f"calibration_training_{name[0]}_seed{seed}"] = time.perf_counter() - started
             per_seed.append(evaluate_bundle(bundle_dir, sid, test_z, test_tokens, report) | {"seed": seed})
         results[name] = _mean_over_seeds(per_seed)
@@ -205,16 +208,27 @@ def _zscored(session) -> tuple[np.ndarray, np.ndarray]:
     return (session.betas - mean) / std, finite
 
 
-def test_set(sessions: list, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Test-image betas of every session (GLM path), repeats averaged, and their images' tokens."""
-    betas, stim = [], []
+def trial_tokens(trials: list, tokens: ImageTokens | np.ndarray) -> np.ndarray:
+    """Image tokens of each trial, shape (n_trials, T, D), float32: by stim_id from an :class:`ImageTokens`,
+    or by stim_index from a bare phantom bank array (``world.embedding.tokens``)."""
+    if isinstance(tokens, ImageTokens):
+        return tokens.tokens_of([t.stim_id for t in trials])
+    return np.asarray(tokens[[t.stim_index for t in trials]], dtype=np.float32)
+
+
+def test_set(sessions: list, tokens: ImageTokens | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Test-image betas of every session (GLM path), repeats (trials of one stim_id) averaged, and their tokens."""
+    betas, trials = [], []
     for session in sessions:
         z, finite = _zscored(session)
         keep = finite & session.is_test
         betas.append(z[keep])
-        stim.append(session.stim_index[keep])
-    images, mean_z = average_repeats(np.concatenate(betas), np.concatenate(stim))
-    return mean_z, np.asarray(tokens[images], dtype=np.float32)
+        trials.extend(t for t, k in zip(session.trials, keep, strict=True) if k)
+    images, mean_z = average_repeats(np.concatenate(betas), [t.stim_id for t in trials])
+    first = {}
+    for trial in trials:
+        first.setdefault(trial.stim_id, trial)
+    return mean_z, trial_tokens([first[str(image)] for image in images], tokens)
 
 
 def evaluate_bundle(bundle_dir: Path, sid: str, test_z, test_tokens, report) -> dict:
@@ -235,12 +249,12 @@ def _mean_over_seeds(per_seed: list[dict]) -> dict:
     return result
 
 
-def _ridge(session, tokens: np.ndarray, test_z: np.ndarray, test_tokens: np.ndarray) -> dict:
+def _ridge(session, tokens: ImageTokens | np.ndarray, test_z: np.ndarray, test_tokens: np.ndarray) -> dict:
     from sklearn.linear_model import RidgeCV
 
     z, finite = _zscored(session)
     keep = finite & ~session.is_test
-    y = np.asarray(tokens[session.stim_index[keep]], dtype=np.float32).reshape(int(keep.sum()), -1)
+    y = trial_tokens([t for t, k in zip(session.trials, keep, strict=True) if k], tokens).reshape(int(keep.sum()), -1)
     ridge = RidgeCV(alphas=np.logspace(1, 6, 11)).fit(z[keep], y)
     predicted = ridge.predict(test_z).reshape(test_tokens.shape).astype(np.float32)
     result = retrieval_evaluation(predicted, test_tokens)
@@ -250,16 +264,16 @@ def _ridge(session, tokens: np.ndarray, test_z: np.ndarray, test_tokens: np.ndar
 
 def _all_sessions(sessions: list, tokens, model_dir, config, work: Path, test_z, test_tokens) -> dict:
     sid = subject_id(HELD_OUT)
-    betas, stim = [], []
+    betas, trials = [], []
     for session in sessions:
         z, finite = _zscored(session)
         keep = finite & ~session.is_test
         betas.append(z[keep].astype(np.float32))
-        stim.append(session.stim_index[keep])
-    betas_all, stim_all = np.concatenate(betas), np.concatenate(stim)
-    dataset = SubjectDataset(sid, torch.from_numpy(betas_all),
-                             torch.from_numpy(np.asarray(tokens[stim_all], dtype=np.float32)),
-                             torch.from_numpy(stim_all))
+        trials.extend(t for t, k in zip(session.trials, keep, strict=True) if k)
+    betas_all = np.concatenate(betas)
+    _, image_codes = np.unique([t.stim_id for t in trials], return_inverse=True)
+    dataset = SubjectDataset(sid, torch.from_numpy(betas_all), torch.from_numpy(trial_tokens(trials, tokens)),
+                             torch.from_numpy(image_codes.astype(np.int64)))
     # As many optimiser steps as the one-session calibration: the epochs are shared over the sessions.
     recipe = config.training.model_copy(update={"epochs": max(1, config.training.epochs // len(sessions))})
     model, _ = finetune(model_dir, dataset, recipe, work / "all-sessions")

@@ -10,11 +10,20 @@ Layout (written by :meth:`SubjectBundle.save`, checked by :meth:`SubjectBundle.l
       stats.safetensors   per mask voxel: signal mean, beta mean/std, HRF library index
       model/              the fine-tuned MindEye2 (shared weights + this subject's adapter)
       evaluation.json     held-out retrieval (optional)
+      engines/            inference engines built from model/ (optional; see rtdecoder.engines.store)
+        onnxruntime-<key>/  encoder.onnx, denoiser.onnx, engine.json
+        tensorrt-<key>/     the same plus encoder.plan, denoiser.plan
+
+The bundle is the runtime artifact: ``rtdecoder engines build --bundle`` writes the engines into
+it, keyed by a digest of the model's files and the engine settings, and ``rtdecoder run`` loads
+them instead of exporting again (see :func:`rtdecoder.compose.make_engine`).
 
 The live decoder loads a bundle and calls :meth:`SubjectBundle.check_volume` on the first volume:
 any mismatch (grid, orientation, voxel count, embedding space, model version) is an error that
 names the file and field, never a silent wrong answer. The same grid in another voxel order (axes
-reversed or permuted) is not a mismatch: the front end reorients such volumes.
+reversed or permuted) is not a mismatch: the front end reorients such volumes. The run's
+configuration must agree with the bundle's where it fixes what the betas and the model mean
+(:meth:`SubjectBundle.check_run_config`).
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from safetensors.numpy import load_file, save_file
 
 from rtdecoder import __version__
 from rtdecoder.config import RTDecoderConfig, read_saved_config, save_config
-from rtdecoder.errors import BundleError
+from rtdecoder.errors import BundleError, ConfigError
 from rtdecoder.preprocess.orientation import GridTransform, describe_grid, find_grid_transform
 
 logger = logging.getLogger(__name__)
@@ -41,6 +50,31 @@ logger = logging.getLogger(__name__)
 BUNDLE_VERSION = 1
 AFFINE_TOLERANCE_MM = 1e-3
 STATS_KEYS = ("signal_mean", "beta_mean", "beta_std", "hrf_index")
+ENGINES_DIR_NAME = "engines"
+#: The files of a model folder (``MindEye2.save_pretrained``) that its digest covers.
+MODEL_FILES = ("config.json", "model.safetensors")
+_HASH_CHUNK_BYTES = 16 << 20
+
+#: Sections of the bundle's config that govern a run: they fix what the betas mean (GLM and
+#: preprocessing) and what the model is (its sizes and the embedding space it predicts).
+GOVERNED_SECTIONS = ("glm", "preprocess", "embedding", "model")
+#: Keys of those sections that may differ at run time, and why (see :meth:`SubjectBundle.check_run_config`).
+RUN_TIME_KEYS: dict[str, str] = {
+    "glm.beta_wait_s": "when a beta is released, not what it estimates",
+    "glm.publish_refinements": "whether refined betas are published",
+    "glm.fracridge": "calibration only: the live GLM is OLS either way",
+    "glm.fracridge_fractions": "calibration only",
+    "preprocess.motion_max_iterations": "solver budget of the same rigid registration",
+    "preprocess.motion_tolerance_mm": "solver stopping rule of the same rigid registration",
+    "preprocess.motion_n_samples": "voxels sampled by the same rigid registration",
+    "embedding.weights_path": "where the weights lie on this machine; their content is checked by "
+    "SubjectBundle.check_embedding (the embedder's name holds a fingerprint)",
+    "embedding.cache_dir": "where embeddings are cached",
+    "model.prior_sample_steps": "sampling budget of the same prior (latency against quality)",
+    "model.prior_sample_eta": "sampling noise of the same prior",
+    "model.dropout": "training only",
+    "model.prior_cond_drop": "training only",
+}
 
 
 def mask_hash(mask: np.ndarray) -> str:
@@ -49,6 +83,47 @@ def mask_hash(mask: np.ndarray) -> str:
     digest = hashlib.sha256(repr(mask.shape).encode())
     digest.update(np.packbits(mask.ravel()).tobytes())
     return digest.hexdigest()
+
+
+def model_folder_digest(model_dir: str | Path) -> str:
+    """SHA-256 (hex) of a model folder's ``config.json`` and ``model.safetensors`` bytes.
+
+    Engines built from a model are keyed by it, so a changed weight or size means a new engine.
+    Reads every byte: about 1 s per GB.
+
+    Parameters
+    ----------
+    model_dir : str or Path
+        Written by ``MindEye2.save_pretrained``.
+
+    Raises
+    ------
+    BundleError
+        When one of :data:`MODEL_FILES` cannot be read.
+    """
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256()
+    for name in MODEL_FILES:
+        path = model_dir / name
+        # The name and length go in too, so that bytes cannot shift from one file into the other.
+        try:
+            digest.update(f"{name}\0{path.stat().st_size}\0".encode())
+            with path.open("rb") as handle:
+                while chunk := handle.read(_HASH_CHUNK_BYTES):
+                    digest.update(chunk)
+        except OSError as err:
+            raise BundleError(f"{path}: cannot read model file to hash it: {err.strerror}") from None
+    return digest.hexdigest()
+
+
+def _model_file_stats(model_dir: Path) -> dict[str, dict[str, int]]:
+    """Size (bytes) and modification time (ns) of each model file: when both are unchanged, the
+    digest recorded with them still holds."""
+    stats = {}
+    for name in MODEL_FILES:
+        st = (model_dir / name).stat()
+        stats[name] = {"bytes": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+    return stats
 
 
 @dataclass
@@ -96,11 +171,95 @@ class SubjectBundle:
     embedding_name: str = ""
     evaluation: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    directory: Path | None = None
 
     @property
     def n_voxels(self) -> int:
         """Voxels in the mask."""
         return int(self.mask.sum())
+
+    @property
+    def engines_dir(self) -> Path | None:
+        """``<bundle>/engines``, where the engines built from its model live (``None`` before saving)."""
+        return None if self.directory is None else self.directory / ENGINES_DIR_NAME
+
+    def model_sha256(self) -> str:
+        """Digest of the model's files (:func:`model_folder_digest`), the key of its engines.
+
+        ``save`` records it in ``metadata.json`` with each file's size and modification time; while
+        those are unchanged the recorded digest is used, otherwise (files replaced, or copied
+        without their timestamps) the files are hashed again.
+
+        Raises
+        ------
+        BundleError
+            When the bundle holds no model.
+        """
+        if self.model_dir is None:
+            raise BundleError(f"subject {self.subject_id}: the bundle holds no model (calibrated without one)")
+        recorded = self.metadata.get("model_sha256")
+        try:
+            unchanged = recorded is not None and self.metadata.get("model_files") == _model_file_stats(self.model_dir)
+        except OSError:
+            unchanged = False  # a missing file: model_folder_digest names it
+        if unchanged:
+            return str(recorded)
+        logger.info("%s: hashing the model files (no digest recorded for them as they are now)", self.model_dir)
+        digest = model_folder_digest(self.model_dir)
+        self.metadata["model_sha256"] = digest
+        self.metadata["model_files"] = _model_file_stats(self.model_dir)
+        return digest
+
+    def check_run_config(self, config: RTDecoderConfig) -> None:
+        """Raise unless a run's config agrees with the bundle's where the bundle governs the run.
+
+        The bundle's ``glm``, ``preprocess``, ``embedding`` and ``model`` sections fix what its
+        statistics and model mean: betas of another GLM (HRF, LSS/LSA, drift model, motion
+        confounds, the slice-time reference) or of other preprocessing are other numbers than the
+        ones the model was trained on, and the model decodes into the embedding space it was
+        trained for. So every key of those sections must match, except:
+
+        - those in :data:`RUN_TIME_KEYS`, which change when or how fast, not what, is computed
+          (``glm.beta_wait_s``, ``glm.publish_refinements``, the prior's sampling steps and eta,
+          the motion solver's budget), or are calibration- or training-only (``glm.fracridge*``,
+          ``model.dropout``, ``model.prior_cond_drop``), or are paths on this machine
+          (``embedding.weights_path``, whose content :meth:`check_embedding` checks, and
+          ``embedding.cache_dir``);
+        - keys that their section's choice leaves unused: ``glm.drift_order`` unless
+          ``glm.drift_model`` is polynomial, ``glm.high_pass_hz`` unless it is cosine,
+          ``embedding.openclip_arch`` unless ``embedding.model`` is openclip (and an architecture
+          file is compared by its name, as the embedder's name does).
+
+        Parameters
+        ----------
+        config : RTDecoderConfig
+            The configuration the run was started with.
+
+        Raises
+        ------
+        ConfigError
+            Listing every differing key as ``glm.hrf: bundle 'library', run 'canonical'``.
+        """
+        mine = self.config.model_dump(mode="json")
+        theirs = config.model_dump(mode="json")
+        differences = []
+        for section in GOVERNED_SECTIONS:
+            for key in type(getattr(self.config, section)).model_fields:
+                path = f"{section}.{key}"
+                if path in RUN_TIME_KEYS or not _governs(path, mine[section]):
+                    continue
+                ours, run = mine[section][key], theirs[section][key]
+                if path == "embedding.openclip_arch":
+                    ours, run = _arch_name(ours), _arch_name(run)
+                if ours != run:
+                    differences.append(f"  {path}: bundle {ours!r}, run {run!r}")
+        if differences:
+            where = self.directory / "config.json" if self.directory is not None else "the bundle's config.json"
+            raise ConfigError(
+                f"run config {config.name!r} differs from the bundle's ({where}, subject {self.subject_id}) in keys "
+                "that fix what the betas and the model mean; set them as the bundle has them:\n"
+                + "\n".join(differences)
+            )
 
     def save(self, directory: str | Path, model: Any | None = None) -> Path:
         """Write the bundle; ``model`` (a MindEye2) is saved under ``model/`` when given."""
@@ -122,6 +281,7 @@ class SubjectBundle:
         if model is not None:
             model.save_pretrained(directory / "model")
             self.model_dir = directory / "model"
+        self.directory = directory
         if self.evaluation:
             (directory / "evaluation.json").write_text(json.dumps(self.evaluation, indent=2) + "\n")
         self.metadata = {
@@ -140,6 +300,7 @@ class SubjectBundle:
             },
             "rtdecoder_version": __version__,
             "has_model": self.model_dir is not None,
+            **self._model_digest_fields(fresh=model is not None),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             **{k: v for k, v in self.metadata.items() if k.startswith("calibration_")},
         }
@@ -187,6 +348,7 @@ class SubjectBundle:
             embedding_name=str(metadata.get("embedding", {}).get("name", "")),
             evaluation=_read_json(directory / "evaluation.json") if (directory / "evaluation.json").exists() else {},
             metadata=metadata,
+            directory=directory,
         )
         bundle._check_shapes(directory)
         if metadata.get("mask_sha256") != mask_hash(mask):
@@ -284,6 +446,14 @@ class SubjectBundle:
                 f"uses {embedding_name!r}"
             )
 
+    def _model_digest_fields(self, fresh: bool) -> dict[str, Any]:
+        """``model_sha256`` and ``model_files`` for metadata.json (empty without a model folder)."""
+        if self.model_dir is None or not (self.model_dir / MODEL_FILES[1]).is_file():
+            return {}
+        if fresh:  # just written: whatever digest was recorded before is of other files
+            self.metadata.pop("model_sha256", None)
+        return {"model_sha256": self.model_sha256(), "model_files": _model_file_stats(self.model_dir)}
+
     def _check_shapes(self, directory: Path) -> None:
         n = self.n_voxels
         if self.reference.shape != self.mask.shape:
@@ -300,6 +470,22 @@ class SubjectBundle:
         for name in ("signal_mean", "beta_std"):
             if not np.all(getattr(self, name) > 0):
                 raise BundleError(f"{directory / 'stats.safetensors'}: {name}: expected positive values")
+
+
+def _governs(path: str, section: dict[str, Any]) -> bool:
+    """Whether a key of a governed section is used under that section's other choices."""
+    if path == "glm.drift_order":
+        return section["drift_model"] == "polynomial"
+    if path == "glm.high_pass_hz":
+        return section["drift_model"] == "cosine"
+    if path == "embedding.openclip_arch":
+        return section["model"] == "openclip"
+    return True
+
+
+def _arch_name(arch: str) -> str:
+    # A local architecture file may lie elsewhere on the scanner host; its name is what identifies it.
+    return Path(arch).stem if arch.endswith(".json") else arch
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """The ``rtdecoder`` command line.
 
 Each group of subcommands is registered by the module that owns the work (``phantom`` by
-:mod:`rtdecoder.phantom.commands`, and so on); this module builds the parser, dispatches, and
-turns every :class:`~rtdecoder.errors.DecoderError` into one line on stderr and a non-zero exit.
-Heavy libraries (torch, diffusers) are imported inside the handlers so that ``--help`` is quick.
+:mod:`rtdecoder.commands_phantom`, which imports the simulator only when a phantom command
+runs, and so on); this module builds the parser, dispatches, and turns every
+:class:`~rtdecoder.errors.DecoderError` into one line on stderr and a non-zero exit. Heavy
+libraries (torch, diffusers) are imported inside the handlers so that ``--help`` is quick.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_commands(groups)
     _add_keys_commands(groups)
 
-    from rtdecoder.phantom.commands import add_phantom_commands
+    from rtdecoder.commands_phantom import add_phantom_commands
 
     add_phantom_commands(groups)
 

@@ -38,8 +38,10 @@ def build_live_decoder(
     bundle : SubjectBundle
         Model, statistics and the embedding its model predicts.
     config : RTDecoderConfig
-        ``generator.engine_backend`` picks the engine; ``model.prior_sample_steps`` and
-        ``model.prior_sample_eta`` the prior's sampling.
+        ``generator.engine_backend`` picks the engine (built once into the bundle, see
+        :func:`make_engine`); ``model.prior_sample_steps`` and ``model.prior_sample_eta`` the
+        prior's sampling; ``generator.lowlevel_weight`` the share of the low-level image in each
+        reconstruction when the bundle's model has the low-level head.
     candidates : CandidateBank
         Retrieval candidates, embedded with the bundle's embedder.
     generator : Generator or None
@@ -47,7 +49,16 @@ def build_live_decoder(
     generator_steps : int, optional
         Sampling steps of the generator (default ``generator.n_steps``).
     device : str, default="cpu"
+
+    Raises
+    ------
+    BundleError
+        A model without a prior, or candidates of another token shape.
+    ConfigError
+        A low-level latent that the generator has no VAE for (with ``generator.lowlevel_weight`` > 0).
     """
+    from rtdecoder.decode.generators.base import lowlevel_vae_for
+
     model = bundle.load_model(device)
     if model.prior is None:
         raise BundleError(f"{bundle.model_dir}: the model has no diffusion prior (model.use_prior: false)")
@@ -56,36 +67,70 @@ def build_live_decoder(
             f"candidates: tokens of shape {candidates.token_shape} but the model of {bundle.subject_id} predicts "
             f"{(model.config.n_tokens, model.config.token_dim)}; embed the candidates with the bundle's embedder"
         )
+    # The bundle's model, not the run's model section, says whether the encoder gives a low-level output.
+    lowlevel_weight = config.generator.lowlevel_weight if model.config.lowlevel and generator is not None else 0.0
+    lowlevel_vae = lowlevel_vae_for(generator, model.config.lowlevel_channels) if lowlevel_weight > 0 else None
     return LiveDecoder(
-        make_engine(config, model, bundle.subject_id, device), candidates, generator,
+        make_engine(config, model, bundle.subject_id, device, bundle=bundle), candidates, generator,
         bundle.beta_mean, bundle.beta_std, prior_steps=config.model.prior_sample_steps,
         generator_steps=generator_steps or config.generator.n_steps, prior_eta=config.model.prior_sample_eta,
+        lowlevel_weight=lowlevel_weight, lowlevel_vae=lowlevel_vae,
     )
 
 
-def make_engine(config: RTDecoderConfig, model: Any, subject_id: str, device: str = "cpu") -> Engine:
-    """The inference engine ``generator.engine_backend`` names, for one subject's model."""
+def make_engine(
+    config: RTDecoderConfig, model: Any, subject_id: str, device: str = "cpu", bundle: SubjectBundle | None = None
+) -> Engine:
+    """The inference engine ``generator.engine_backend`` names, for one subject's model.
+
+    ONNX Runtime and TensorRT engines are files keyed by the model's digest and the engine
+    settings (:mod:`rtdecoder.engines.store`): the folder ``rtdecoder engines build`` (or an
+    earlier run) made is loaded as it is; when there is none for this key (absent, or built from
+    other weights or settings) it is built once, logged, into ``<bundle>/engines`` or, when the
+    bundle folder is read-only, into ``generator.engine_dir``.
+
+    Parameters
+    ----------
+    config : RTDecoderConfig
+        ``generator.engine_backend``, ``engine_dir``, ``onnx_opset``, ``tensorrt_fp16``, ``max_batch``.
+    model : MindEye2
+        The subject's model (from ``bundle.load_model``). Exporting moves it to the CPU.
+    subject_id : str
+    device : str, default="cpu"
+        For the torch backend.
+    bundle : SubjectBundle, optional
+        The bundle ``model`` came from: its engines are used, and its model files' digest keys them.
+        Without it the key is the digest of the model's state dict, and engines live in ``engine_dir``.
+
+    Returns
+    -------
+    Engine
+    """
     backend = config.generator.engine_backend
     if backend == "torch":
         from rtdecoder.engines.torch_backend import TorchEngine
 
         return TorchEngine(model, subject_id, device)
-    from rtdecoder.engines.onnx_export import export_onnx
-    from rtdecoder.engines.onnx_runtime import OnnxRuntimeEngine
+    from rtdecoder.engines.store import engine_key, ensure_engine, state_digest
 
-    folder = export_onnx(
-        model, subject_id, f"{config.generator.engine_dir}/{subject_id}", opset=config.generator.onnx_opset
-    )
+    in_bundle = bundle is not None and bundle.directory is not None and bundle.model_dir is not None
+    weights = bundle.model_sha256() if in_bundle else state_digest(model)
+    key = engine_key(weights, subject_id, config.generator)
+    folder = ensure_engine(model, key, bundle.directory if in_bundle else None, config.generator.engine_dir)
     if backend == "onnxruntime":
-        return OnnxRuntimeEngine(folder)
-    from rtdecoder.engines.tensorrt import TensorRTEngine, build_tensorrt_engines
+        from rtdecoder.engines.onnx_runtime import OnnxRuntimeEngine
 
-    build_tensorrt_engines(folder, max_batch=config.generator.max_batch, fp16=config.generator.tensorrt_fp16)
+        return OnnxRuntimeEngine(folder)
+    from rtdecoder.engines.tensorrt import TensorRTEngine
+
     return TensorRTEngine(folder)
 
 
 def load_generator(config: RTDecoderConfig, device: str = "cpu") -> Generator | None:
-    """The configured generator from local weights, or ``None`` when reconstruction is off."""
+    """The configured generator from local weights, or ``None`` when reconstruction is off.
+
+    unCLIP samples with ``generator.guidance_scale`` (MindEye2: 5) at ``generator.image_size_px``.
+    """
     if not config.session.reconstruct:
         return None
     if config.generator.kind != "unclip":
@@ -97,19 +142,62 @@ def load_generator(config: RTDecoderConfig, device: str = "cpu") -> Generator | 
         raise ConfigError("generator.unclip_weights_path: a local file is needed for kind 'unclip'")
     from rtdecoder.decode.generators.unclip import load_unclip_generator
 
-    return load_unclip_generator(config.generator.unclip_weights_path, config.generator.image_size_px, device=device)
+    return load_unclip_generator(config.generator.unclip_weights_path, config.generator.image_size_px,
+                                 guidance_scale=config.generator.guidance_scale, device=device)
 
 
-def candidates_from_config(config: RTDecoderConfig, bundle: SubjectBundle, device: str = "cpu") -> CandidateBank:
-    """The retrieval candidates ``candidates.images_dir`` names, embedded (and cached) with the bundle's embedder."""
+def candidates_from_config(
+    config: RTDecoderConfig, bundle: SubjectBundle, device: str = "cpu", progress: bool = True
+) -> CandidateBank:
+    """The retrieval candidates the config names: ``candidates.embeddings_file`` or ``candidates.images_dir``.
+
+    Parameters
+    ----------
+    config : RTDecoderConfig
+        ``candidates`` (the source, ``embed_batch_size``), ``embedding`` (the embedder of a folder
+        and ``cache_dir``).
+    bundle : SubjectBundle
+        Its ``embedding_name`` and model token shape (n_tokens, token_dim) are what the candidates must have.
+    device : str, default="cpu"
+        Where a folder's images are embedded.
+    progress : bool, default=True
+        Progress bar while a folder is embedded (once: the cache key is the files' content).
+
+    Returns
+    -------
+    CandidateBank
+        Ids are the images' ``stim_id`` (file stems, or the file's ``ids``).
+
+    Raises
+    ------
+    ConfigError
+        If neither is set.
+    BundleError
+        If the embedder or the token shape differ from the bundle's (naming the file or folder and
+        the field), or an image or the file cannot be read.
+    """
     from rtdecoder.embedding.base import make_embedder
+    from rtdecoder.embedding.cache import load_image_tokens
 
-    folder = config.candidates.images_dir
-    if not folder:
-        raise ConfigError("candidates.images_dir: expected the folder of candidate images to retrieve among")
-    embedder = make_embedder(config.embedding, device=device)
-    bundle.check_embedding(embedder.name)
-    return CandidateBank.from_folder(folder, embedder, config.embedding.cache_dir)
+    section = config.candidates
+    token_shape = (bundle.config.model.n_tokens, bundle.config.model.token_dim)
+    expected_by = f"bundle {bundle.subject_id}"
+    if section.embeddings_file:
+        tokens = load_image_tokens(section.embeddings_file, embedding_name=bundle.embedding_name or None,
+                                   token_shape=token_shape, expected_by=expected_by)
+    elif section.images_dir:
+        embedder = make_embedder(config.embedding, device=device)
+        bundle.check_embedding(embedder.name)
+        tokens = load_image_tokens(section.images_dir, embedder, config.embedding.cache_dir,
+                                   batch_size=section.embed_batch_size, progress=progress,
+                                   token_shape=token_shape, expected_by=expected_by)
+    else:
+        raise ConfigError(
+            "candidates: expected images_dir (a folder of candidate images) or embeddings_file (their "
+            "precomputed tokens) to retrieve among"
+        )
+    logger.info("retrieval candidates: %d images from %s", len(tokens), tokens.source)
+    return CandidateBank.from_image_tokens(tokens)
 
 
 def live_decoder_from_config(bundle: SubjectBundle, config: RTDecoderConfig, device: str = "cpu") -> LiveDecoder:

@@ -13,6 +13,7 @@ Sizes carry their unit in their name (``tr_s``, ``voxel_size_mm``, ``beta_wait_s
 from __future__ import annotations
 
 import json
+import logging
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -22,16 +23,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rtdecoder.errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 CONFIG_VERSION = 1
 #: GLMsingle's default grid of ridge fractions: 0.05 to 1 in steps of 0.05.
 DEFAULT_FRACRIDGE_FRACTIONS: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 21))
 
-# Keys that files written by :func:`save_config` may still hold but that no longer exist. They are
-# dropped on reading so that subject bundles calibrated before a key was retired still load; YAML
-# files get no such leniency (a stale key there is reported, so its author removes it).
-_RETIRED_SAVED_KEYS: tuple[tuple[str, str], ...] = (
-    ("generator", "retrieval_top_k"),  # a never-read duplicate of session.retrieval_top_k
+# Keys that files written by :func:`save_config` may still hold but that no longer exist, with why
+# they went. They are dropped on reading, with a warning naming them, so that subject bundles
+# calibrated before a key was retired still load; YAML files get no such leniency (a stale key
+# there is an error that gives the reason, so its author removes it).
+_RETIRED_SAVED_KEYS: tuple[tuple[str, str, str], ...] = (
+    ("generator", "retrieval_top_k", "a never-read duplicate of session.retrieval_top_k"),
+    (
+        "preprocess", "normalise",
+        "never read: voxel time series are always converted to percent signal change of the calibration "
+        "mean, and betas z-scored with the bundle's beta_mean/beta_std, as the model was trained",
+    ),
 )
+_RETIRED_REASONS = {(section, key): reason for section, key, reason in _RETIRED_SAVED_KEYS}
 
 
 class Section(BaseModel):
@@ -109,11 +119,29 @@ class EmbeddingConfig(Section):
 
 
 class CandidatesConfig(Section):
-    """The images the live decoder retrieves among (a lab's own set)."""
+    """The images the live decoder retrieves among (a lab's own set): a folder or an embeddings file.
+
+    ``calibrate`` also ranks its held-out images among them when set (the live decoder's view).
+    Outside the phantom world one of the two is required by ``rtdecoder run``.
+    """
 
     images_dir: str | None = Field(
-        None, description="folder of candidate images (PNG/JPEG); ids are the file stems, embedded once and cached"
+        None,
+        description="folder of candidate images (PNG/JPEG/BMP/TIFF/WebP); ids are the file stems (the stim_id), "
+        "embedded once and cached by content (SHA-256 of the files' bytes)",
     )
+    embeddings_file: str | None = Field(
+        None,
+        description="precomputed candidates: a safetensors file with tokens (n, n_tokens, token_dim) and metadata "
+        "ids (JSON list) and embedder (the embedder's name); see rtdecoder/embedding/cache.py",
+    )
+    embed_batch_size: int = Field(32, ge=1, description="images read and embedded at a time (bounds memory)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CandidatesConfig:
+        if self.images_dir and self.embeddings_file:
+            raise ValueError("set images_dir or embeddings_file, not both")
+        return self
 
 
 class IngestConfig(Section):
@@ -136,7 +164,6 @@ class PreprocessConfig(Section):
     motion_n_samples: int = Field(
         10000, ge=100, description="reference voxels (strongest gradient) the fit samples"
     )
-    normalise: Literal["zscore", "none"] = "zscore"
 
 
 class GLMConfig(Section):
@@ -317,7 +344,10 @@ class GeneratorConfig(Section):
     image_size_px: int = Field(32, ge=8, description="side of the generated image")
     n_steps: int = Field(16, ge=1, description="sampling steps of the full (teacher) generator")
     student_steps: int = Field(2, ge=1, le=4, description="steps of the distilled student")
-    guidance_scale: float = Field(1.0, ge=0.0, description="classifier-free guidance; 1 = none")
+    guidance_scale: float = Field(
+        1.0, ge=0.0,
+        description="classifier-free guidance of the generator (unCLIP and the phantom teacher; MindEye2: 5); 1 = none",
+    )
     unclip_weights_path: str | None = Field(None, description="generative-models unCLIP checkpoint")
     cache_dir: str = "rtdecoder-cache/generators"
     phantom_train_steps: int = Field(1500, ge=1)
@@ -325,7 +355,11 @@ class GeneratorConfig(Section):
     phantom_lr: float = Field(2e-3, gt=0.0)
     phantom_cross_dim: int = Field(64, ge=8, description="tokens are projected to this width")
     distill_steps_per_round: int = Field(150, ge=1)
-    lowlevel_weight: float = Field(0.25, ge=0.0, le=1.0, description="share of the blurry image in the blend")
+    lowlevel_weight: float = Field(
+        0.25, ge=0.0, le=1.0,
+        description="share of the low-level (blurry) image in each reconstruction when the bundle's model has "
+        "the low-level head (model.lowlevel; MindEye2: 0.25); 0: the generator's image alone",
+    )
     engine_backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
     engine_dir: str = "rtdecoder-cache/engines"
     onnx_opset: int = Field(18, ge=13)
@@ -380,7 +414,7 @@ class ViewConfig(Section):
     run_volumes: int = Field(4000, ge=10, description="volumes kept per run (the latest)")
     run_trials: int = Field(200, ge=1, description="decoded trials kept per run (the latest)")
     run_events: int = Field(200, ge=1, description="file problems and state changes kept per run")
-    images: int = Field(400, ge=1, description="reconstructions (PNG) kept in memory, over all runs")
+    image_memory_mb: float = Field(64.0, gt=0.0, description="reconstructions (PNG) kept in memory, over all runs, MiB")
     thumbnail_px: int = Field(96, ge=16, le=512, description="edge of a candidate thumbnail, pixels")
     thumbnail_cache: int = Field(512, ge=1, description="candidate thumbnails kept encoded")
     max_clients: int = Field(8, ge=1, description="pages following the session at once")
@@ -501,9 +535,11 @@ def read_saved_config(path: str | Path) -> RTDecoderConfig:
     version = raw.get("_version")
     if version != CONFIG_VERSION:
         raise ConfigError(f"{path}: _version: expected {CONFIG_VERSION} (got {version!r})")
-    for section, key in _RETIRED_SAVED_KEYS:
-        if isinstance(raw.get(section), dict):
-            raw[section].pop(key, None)
+    for section, key, reason in _RETIRED_SAVED_KEYS:
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raw[section].pop(key)
+            logger.warning("%s: %s.%s: retired key ignored (%s); saving the config again drops it",
+                           path, section, key, reason)
     return config_from_dict(raw, origin=str(path))
 
 
@@ -512,6 +548,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config file: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: byte {err.start}: not text; expected a YAML config file in UTF-8") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -541,6 +579,10 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
     for item in err.errors():
         loc = ".".join(str(part) for part in item["loc"]) or "<top level>"
         if item["type"] == "extra_forbidden":
+            retired = _RETIRED_REASONS.get(tuple(str(part) for part in item["loc"]))
+            if retired is not None:
+                lines.append(f"{origin}: {loc}: unknown key (retired: {retired}); remove it")
+                continue
             allowed = _allowed_keys(item["loc"][:-1])
             lines.append(f"{origin}: {loc}: unknown key; expected one of: {', '.join(allowed)}")
             continue

@@ -231,7 +231,9 @@ def test_calibrate_mask_options_are_checked_before_any_work(real_dicom_dir, tmp_
     write_real_session(real_dicom_dir, tmp_path / "session")
     ref = nib.load(real_dicom_dir / "prisma-mosaic-dcmqa" / "Ref" / "2_ep2d_Asc.nii")
     save((np.asarray(ref.dataobj)[:, :, :-2, 0] > 300).astype(np.uint8), ref.affine, tmp_path / "cut_mask.nii.gz")
-    base = ["calibrate", "--session", str(tmp_path / "session"), "--out", str(tmp_path / "bundle"), "--no-progress"]
+    (tmp_path / "images").mkdir()  # the images are checked once the mask is: the mask comes first
+    base = ["calibrate", "--session", str(tmp_path / "session"), "--out", str(tmp_path / "bundle"), "--no-progress",
+            "--images", str(tmp_path / "images")]
 
     assert main([*base, "--mask-space", str(tmp_path / "mean.nii")]) == 1
     assert "--mask: expected the mask file that --mask-space/--resample-mask apply to" in capsys.readouterr().err

@@ -67,8 +67,9 @@ def test_folder_bank_is_embedded_once_and_cached(tmp_path):
     embedder = _MeanColourEmbedder()
     bank = CandidateBank.from_folder(folder, embedder, tmp_path / "cache")
     again = CandidateBank.from_folder(folder, embedder, tmp_path / "cache")
-    assert embedder.calls == 1 and bank.ids == again.ids == ["blue.jpg", "green.png", "red.png"]
-    assert again.top_k(torch.tensor([[[100.0, -120.0, -120.0]]]), 1).ids == [["red.png"]]
+    # ids are the file stems: a trial's stim_id names its image, so the shown image is found among them
+    assert embedder.calls == 1 and bank.ids == again.ids == ["blue", "green", "red"]
+    assert again.top_k(torch.tensor([[[100.0, -120.0, -120.0]]]), 1).ids == [["red"]]
     with pytest.raises(BundleError, match="expected a folder with image files"):
         CandidateBank.from_folder(tmp_path / "missing", embedder, tmp_path / "cache")
 

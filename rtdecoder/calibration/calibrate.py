@@ -10,12 +10,21 @@
 3. the pretrained shared model gets a fresh adapter for this subject's voxel count and the whole
    model is trained on the training trials (:func:`rtdecoder.calibration.train.finetune`); without a
    pretrained model it is trained from scratch with the same recipe;
-4. held-out evaluation: repeats of a test image are averaged, then image and brain retrieval
-   top-1 among 300 (or all held-out images when fewer; :func:`rtdecoder.decode.metrics.retrieval_top1`);
+4. held-out evaluation: repeats of a test image (trials with the same ``stim_id``) are averaged,
+   then image and brain retrieval top-1 among 300 (or all held-out images when fewer;
+   :func:`rtdecoder.decode.metrics.retrieval_top1`); when the config names the live decoder's
+   candidates (``candidates.images_dir`` or ``candidates.embeddings_file``), also the rank of each
+   held-out image among all of them (:func:`candidate_evaluation`);
 5. :meth:`SubjectBundle.save` writes everything the live decoder needs.
 
-Image targets are the embedder's tokens of each trial's image: for the phantom world, its stimulus
-bank (from the embedding cache); otherwise a folder of image files named ``<stim_id>.<ext>``.
+Trials are identified by their ``stim_id`` (events.tsv's ``stim_id``, or the stem of its
+``stim_file``). Image targets are the embedder's tokens of each trial's image, looked up by that
+id in ``images``: a folder of image files named ``<stim_id>.<ext>`` (only the session's images are
+embedded, cached by the files' content) or an embeddings file (:mod:`rtdecoder.embedding.cache`).
+There is no default: the command line passes the phantom world's stimulus bank
+(:class:`~rtdecoder.embedding.cache.ImageTokens`) for sessions the phantom wrote, and nothing here
+knows about the simulator. ``stim_index`` (a row of the phantom bank) is read only with
+``bank_tokens`` given as a bare array.
 
 Mask and reference: the mask must reach the motion reference's grid (the middle volume of the
 first run, or ``reference``): given on that grid in any voxel order, drawn on another volume of the
@@ -31,6 +40,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +50,8 @@ import numpy as np
 from rtdecoder.bundle import SubjectBundle
 from rtdecoder.calibration.betas import SessionBetas, estimate_session_betas, save_betas
 from rtdecoder.config import RTDecoderConfig
+from rtdecoder.embedding.base import Embedder
+from rtdecoder.embedding.cache import ImageTokens, load_image_tokens
 from rtdecoder.errors import BundleError, ConfigError
 from rtdecoder.preprocess.mask import VoxelMask
 from rtdecoder.preprocess.registration import MaskSource
@@ -49,8 +61,6 @@ logger = logging.getLogger(__name__)
 RETRIEVAL_POOL = 300
 RETRIEVAL_POOLS = 30
 _MIN_STD = 1e-6
-_IMAGE_SIZE_PX = 224
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # What the phantom's writers put in the files they export (rtdecoder.phantom.scanner and
 # dicom_export); real scanners never do.
 _PHANTOM_MARK = "rtdecoder phantom"
@@ -104,31 +114,30 @@ def zscore_stats(betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return betas.mean(axis=0).astype(np.float32), np.maximum(betas.std(axis=0), _MIN_STD).astype(np.float32)
 
 
-def average_repeats(betas: np.ndarray, stim_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean beta of each image over its repeats.
+def average_repeats(betas: np.ndarray, stim_ids: np.ndarray | list) -> tuple[np.ndarray, np.ndarray]:
+    """Mean beta of each image over its repeats (:func:`rtdecoder.decode.metrics.mean_over_repeats`).
 
     Parameters
     ----------
     betas : ndarray of shape (n_trials, n_voxels)
-    stim_index : ndarray of shape (n_trials,), int
+    stim_ids : sequence of shape (n_trials,)
+        The image of each trial: its ``stim_id`` (any sortable keys work, e.g. phantom bank rows).
 
     Returns
     -------
-    images : ndarray of shape (n_images,), int64
-        Sorted stimulus indices.
+    images : ndarray of shape (n_images,)
+        The distinct ids, sorted.
     mean_betas : ndarray of shape (n_images, n_voxels), float32
 
     Examples
     --------
-    >>> images, mean = average_repeats(np.array([[1.0], [3.0], [5.0]]), np.array([7, 2, 7]))
+    >>> images, mean = average_repeats(np.array([[1.0], [3.0], [5.0]]), ["st-7", "st-2", "st-7"])
     >>> images.tolist(), mean.ravel().tolist()
-    ([2, 7], [3.0, 3.0])
+    (['st-2', 'st-7'], [3.0, 3.0])
     """
-    images, inverse = np.unique(np.asarray(stim_index), return_inverse=True)
-    sums = np.zeros((images.size, betas.shape[1]))
-    np.add.at(sums, inverse, betas)
-    counts = np.bincount(inverse, minlength=images.size)[:, None]
-    return images.astype(np.int64), (sums / counts).astype(np.float32)
+    from rtdecoder.decode.metrics import mean_over_repeats
+
+    return mean_over_repeats(betas, stim_ids)
 
 
 def predict_clip_tokens(model: Any, subject_id: str, betas: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -169,40 +178,88 @@ def retrieval_evaluation(predicted: np.ndarray, targets: np.ndarray, seed: int =
     }
 
 
+def candidate_evaluation(predicted: np.ndarray, stim_ids: list[str], candidates: ImageTokens) -> dict[str, Any]:
+    """How the live decoder would rank held-out images: each one's rank among all candidates.
+
+    Parameters
+    ----------
+    predicted : ndarray of shape (n_images, T, D)
+        Predicted retrieval tokens of the held-out images (repeats averaged).
+    stim_ids : list of str
+        Their ids, row for row; images that are not candidates are not ranked.
+    candidates : ImageTokens
+        The live decoder's candidates (``candidates.images_dir`` or ``candidates.embeddings_file``).
+
+    Returns
+    -------
+    dict
+        ``n_candidates``, ``n_ranked`` (held-out images among them), ``top1`` and ``top5``
+        (fractions), ``median_rank`` and ``chance_median_rank`` (``(N + 1) / 2``), ``source``;
+        or a ``note`` when no held-out image is a candidate.
+    """
+    from rtdecoder.decode.metrics import candidate_ranks
+
+    present = [row for row, stim_id in enumerate(stim_ids) if stim_id in candidates]
+    result: dict[str, Any] = {"n_candidates": len(candidates), "source": candidates.source}
+    if not present:
+        return result | {"note": "no held-out image is among the candidates; not ranked"}
+    ranks = candidate_ranks(predicted[present], candidates.tokens, candidates.rows([stim_ids[r] for r in present]))
+    return result | {
+        "n_ranked": len(present),
+        "top1": round(float(np.mean(ranks == 1)), 4),
+        "top5": round(float(np.mean(ranks <= 5)), 4),
+        "median_rank": float(np.median(ranks)),
+        "chance_median_rank": (len(candidates) + 1) / 2,
+    }
+
+
 def stimulus_tokens(
-    config: RTDecoderConfig, stim_index: np.ndarray, stim_ids: list[str], images_dir: str | Path | None
-) -> tuple[np.ndarray, str]:
-    """Image tokens of each listed stimulus and the embedder's name.
+    config: RTDecoderConfig,
+    stim_ids: list[str],
+    images: str | Path | ImageTokens,
+    embedder: Embedder | Callable[[], Embedder] | None = None,
+    progress: bool = True,
+) -> ImageTokens:
+    """Image tokens of the listed stimuli, by stim_id, checked against the config's model.
 
     Parameters
     ----------
     config : RTDecoderConfig
-        ``embedding`` (and ``phantom`` for the phantom bank).
-    stim_index, stim_ids : the stimuli, row for row
-    images_dir : str or Path or None
-        A folder of ``<stim_id>.<ext>`` image files; ``None`` uses the phantom world's bank.
+        ``model`` (the token shape the tokens must have), ``embedding`` (the embedder of a folder,
+        its ``cache_dir``) and ``candidates.embed_batch_size``.
+    stim_ids : list of str
+        The images needed (e.g. every distinct stim_id of a session).
+    images : str, Path or ImageTokens
+        A folder of ``<stim_id>.<ext>`` image files (only the listed ones are embedded, cached by
+        content), an embeddings file, or tokens already at hand (e.g. the phantom bank's).
+    embedder : Embedder or callable returning one, optional
+        For a folder (a callable is called only then); default
+        :func:`~rtdecoder.embedding.base.make_embedder` of ``config.embedding``.
+    progress : bool, default=True
 
     Returns
     -------
-    tokens : ndarray of shape (n, T, D), float32
-    embedding_name : str
+    ImageTokens
+        Holding at least ``stim_ids``.
+
+    Raises
+    ------
+    BundleError
+        If an image is missing (naming the folder or file and the stim_id) or the tokens do not fit
+        the model (naming the field).
     """
     from rtdecoder.embedding.base import make_embedder
 
-    embedder = make_embedder(config.embedding)
-    if images_dir is None:
-        from rtdecoder.phantom.world import PhantomWorld
-
-        tokens = PhantomWorld(config, progress=False).embedding.tokens
-        if np.max(stim_index, initial=0) >= len(tokens):
-            raise ConfigError(
-                f"events.tsv: stim_index: expected rows of the phantom bank (< phantom.n_stimuli = "
-                f"{len(tokens)}) (got {int(np.max(stim_index))}); pass --images for other stimuli"
-            )
-        return np.asarray(tokens[np.asarray(stim_index)], dtype=np.float32), embedder.name
-    images = np.stack([_read_image(Path(images_dir), stim_id) for stim_id in stim_ids])
-    tokens = np.concatenate([embedder.embed(images[i : i + 32]).tokens for i in range(0, len(images), 32)])
-    return tokens.astype(np.float32), embedder.name
+    token_shape = (config.model.n_tokens, config.model.token_dim)
+    if isinstance(images, ImageTokens):
+        images.check(token_shape=token_shape, expected_by="the config's model")
+        images.rows(stim_ids)
+        return images
+    return load_image_tokens(
+        images, embedder if embedder is not None else (lambda: make_embedder(config.embedding)),
+        config.embedding.cache_dir, ids=stim_ids, batch_size=config.candidates.embed_batch_size, progress=progress,
+        token_shape=token_shape, expected_by="the config's model",
+    )
 
 
 def calibrate(
@@ -212,13 +269,14 @@ def calibrate(
     subject_id: str,
     mask: np.ndarray | VoxelMask | MaskSource | str | Path,
     pretrained_dir: str | Path | None = None,
-    images_dir: str | Path | None = None,
+    images: str | Path | ImageTokens | None = None,
     progress: bool = True,
     session: SessionBetas | None = None,
     bank_tokens: np.ndarray | None = None,
     embedding_name: str | None = None,
     reference: str | Path | None = None,
     select: dict[str, str] | None = None,
+    embedder: Embedder | None = None,
 ) -> CalibrationReport:
     """Calibrate one subject from one session and write its bundle.
 
@@ -237,24 +295,38 @@ def calibrate(
     pretrained_dir : str or Path, optional
         A :meth:`MindEye2.save_pretrained` folder (e.g. from ``rtdecoder pretrain``); ``None``
         trains from scratch.
-    images_dir : str or Path, optional
-        Stimulus image files (see :func:`stimulus_tokens`); ``None``: the phantom bank.
+    images : str, Path or ImageTokens
+        The session's images, found by each trial's ``stim_id`` (see :func:`stimulus_tokens`): a
+        folder of ``<stim_id>.<ext>`` files, an embeddings file, or tokens at hand (the command
+        line passes the phantom bank's for sessions the phantom wrote). Required unless
+        ``bank_tokens`` is given.
     progress : bool, default=True
-        Progress bars for volumes and training.
+        Progress bars for volumes, embedding and training.
     session : SessionBetas, optional
         Betas already estimated from ``session_dir`` (skips step 1).
     bank_tokens : ndarray of shape (n_stimuli, T, D), optional
-        Tokens of the whole stimulus bank, indexed by ``stim_index`` (skips the embedder);
-        give ``embedding_name`` with it.
+        A bare array of a stimulus bank's tokens, row ``stim_index`` for each trial (the phantom's
+        convenience; prefer ``images`` with ids); give ``embedding_name`` with it.
     embedding_name : str, optional
         The name of the embedder that made ``bank_tokens``.
     reference : str or Path, optional
         The motion reference volume file, on the session's grid (any voxel order); default: the
         middle volume of the first run.
+    select : dict of str to str, optional
+        BIDS entity values the runs must have (:func:`rtdecoder.calibration.betas.find_runs`).
+    embedder : Embedder, optional
+        Embeds folders of images (``images``, ``candidates.images_dir``); default the one
+        ``config.embedding`` describes, built when first needed.
 
     Returns
     -------
     CalibrationReport
+
+    Raises
+    ------
+    BundleError
+        If no images are given, no trial names its image, an image is missing, the tokens do not
+        fit the model, or there are too few training trials.
     """
     import torch
 
@@ -264,39 +336,55 @@ def calibrate(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     seconds: dict[str, float] = {}
+    if (images is None) == (bank_tokens is None):
+        raise BundleError(
+            f"{session_dir}: calibrate: images: expected the session's images (--images): a folder of "
+            "<stim_id>.png/.jpg files or an embeddings file of them" + (" (not both images and bank_tokens)"
+                                                                        if images is not None else "")
+        )
     if session is None:
         session = estimate_session_betas(session_dir, config, mask, progress=progress, reference=reference,
                                          select=select)
     save_betas(session, out_dir / "betas")
     seconds["betas"] = time.perf_counter() - started
 
+    models: list[Embedder] = [embedder] if embedder is not None else []
+
+    def folder_embedder() -> Embedder:
+        # one model for the session's images and the candidates, built only if a folder needs it
+        if not models:
+            from rtdecoder.embedding.base import make_embedder
+
+            models.append(make_embedder(config.embedding))
+        return models[0]
+
+    candidates_source = config.candidates.embeddings_file or config.candidates.images_dir
+    candidates: ImageTokens | None = None
+    if candidates_source and isinstance(images, (str, Path)) and _same_path(images, candidates_source):
+        # The session's images are the live candidates: embed (or read) the whole set once, for both.
+        images = candidates = _load_candidates(config, candidates_source, None, folder_embedder, progress)
+    keys, has_image, tokens, stimuli = _trial_tokens(
+        config, session, session_dir, images, bank_tokens, folder_embedder, progress
+    )
+    embedding_name = stimuli.embedding_name if stimuli is not None else (embedding_name or "")
+    if candidates_source and candidates is None:  # before training: a wrong candidate set fails before the long part
+        candidates = _load_candidates(config, candidates_source, embedding_name, folder_embedder, progress)
+
     finite = np.all(np.isfinite(session.betas), axis=1)
-    train_rows = np.flatnonzero(finite & ~session.is_test)
-    test_rows = np.flatnonzero(finite & session.is_test)
+    train_rows = np.flatnonzero(finite & ~session.is_test & has_image)
+    test_rows = np.flatnonzero(finite & session.is_test & has_image)
     if train_rows.size < config.training.batch_size:
         raise BundleError(
             f"{session_dir}: expected at least training.batch_size = {config.training.batch_size} "
-            f"estimable non-test trials (got {train_rows.size})"
+            f"estimable non-test trials with an image (got {train_rows.size})"
         )
     beta_mean, beta_std = zscore_stats(session.betas[train_rows])
     z = (session.betas - beta_mean) / beta_std
-    stim_ids = [t.stim_id for t in session.trials]
-    if images_dir is None and np.any(session.stim_index < 0):
-        raise BundleError(
-            f"{session_dir}: events.tsv: stim_index: expected a stimulus-bank row for every trial "
-            "(or pass --images with stim_id columns)"
-        )
-    if images_dir is not None and any(not s for s in stim_ids):
-        raise BundleError(f"{session_dir}: events.tsv: stim_id: expected the image name of every trial for --images")
-    if bank_tokens is not None:
-        tokens = np.asarray(bank_tokens[session.stim_index], dtype=np.float32)
-        embedding_name = embedding_name or ""
-    else:
-        tokens, embedding_name = stimulus_tokens(config, session.stim_index, stim_ids, images_dir)
+    _, image_codes = np.unique(keys, return_inverse=True)
 
     dataset = SubjectDataset(
         subject_id, torch.from_numpy(z[train_rows]), torch.from_numpy(tokens[train_rows]),
-        torch.from_numpy(session.stim_index[train_rows]),
+        torch.from_numpy(image_codes[train_rows].astype(np.int64)),
     )
     train_started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rtdecoder-calibrate-") as work:
@@ -310,12 +398,19 @@ def calibrate(
     seconds["training"] = time.perf_counter() - train_started
 
     evaluation: dict[str, Any] = {"n_train_trials": int(train_rows.size)}
+    if int((~has_image).sum()):
+        evaluation["n_trials_without_image"] = int((~has_image).sum())
     if test_rows.size:
-        images, mean_z = average_repeats(z[test_rows], session.stim_index[test_rows])
-        first_row = {int(s): int(r) for r, s in zip(test_rows[::-1], session.stim_index[test_rows][::-1], strict=True)}
-        targets = tokens[[first_row[int(s)] for s in images]]
-        evaluation.update(retrieval_evaluation(predict_clip_tokens(model, subject_id, mean_z), targets))
+        image_ids, mean_z = average_repeats(z[test_rows], keys[test_rows])
+        first_row: dict[str, int] = {}
+        for row in test_rows:
+            first_row.setdefault(str(keys[row]), int(row))
+        targets = tokens[[first_row[str(image_id)] for image_id in image_ids]]
+        predicted = predict_clip_tokens(model, subject_id, mean_z)
+        evaluation.update(retrieval_evaluation(predicted, targets))
         evaluation["n_test_trials"] = int(test_rows.size)
+        if candidates is not None:
+            evaluation["candidates"] = candidate_evaluation(predicted, [str(i) for i in image_ids], candidates)
     else:
         evaluation["note"] = "no test-image trials in the session; not evaluated"
     seconds["total"] = time.perf_counter() - started
@@ -340,11 +435,77 @@ def calibrate(
             "calibration_tr_s": session.tr_s,
             "calibration_mask": session.mask.provenance,
             "calibration_reference": str(reference) if reference is not None else "middle volume of the first run",
+            "calibration_images": stimuli.source if stimuli is not None else "bank_tokens (rows by stim_index)",
         },
     )
     bundle.save(out_dir, model=model)
     logger.info("bundle written to %s (evaluation %s)", out_dir, evaluation)
     return CalibrationReport(out_dir, evaluation, seconds, int(train_rows.size), dict(session.mask.provenance))
+
+
+def _trial_tokens(
+    config: RTDecoderConfig,
+    session: SessionBetas,
+    session_dir: str | Path,
+    images: str | Path | ImageTokens | None,
+    bank_tokens: np.ndarray | None,
+    folder_embedder: Any,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, ImageTokens | None]:
+    """Each trial's image key (its stim_id), whether it has an image, its image's tokens, and their source.
+
+    Returns ``keys`` (n_trials,) str, ``has_image`` (n_trials,) bool, ``tokens`` (n_trials, T, D)
+    float32 (zeros for trials without an image) and the :class:`ImageTokens` they came from
+    (``None`` for a bare ``bank_tokens`` array).
+    """
+    trials = session.trials
+    token_shape = (config.model.n_tokens, config.model.token_dim)
+    tokens = np.zeros((len(trials), *token_shape), dtype=np.float32)
+    if images is None:
+        # The phantom's bare bank array: rows by stim_index; trials still grouped by stim_id when they have one.
+        stim_index = session.stim_index
+        has_image = stim_index >= 0
+        if not has_image.any():
+            raise BundleError(f"{session_dir}: events.tsv: stim_index: expected stimulus-bank rows with bank_tokens "
+                              "(pass images with ids for trials named by stim_id)")
+        if int(stim_index.max()) >= len(bank_tokens):
+            raise BundleError(f"{session_dir}: events.tsv: stim_index: expected rows of bank_tokens "
+                              f"(< {len(bank_tokens)}) (got {int(stim_index.max())})")
+        if tuple(bank_tokens.shape[1:]) != token_shape:
+            raise BundleError(f"bank_tokens: tokens: expected shape (n, {token_shape[0]}, {token_shape[1]}) for "
+                              f"the config's model (got {tuple(bank_tokens.shape)})")
+        keys = np.array([t.stim_id or (f"#{t.stim_index}" if t.stim_index >= 0 else "") for t in trials])
+        tokens[has_image] = np.asarray(bank_tokens[stim_index[has_image]], dtype=np.float32)
+        return keys, has_image, tokens, None
+    keys = np.array([t.stim_id or "" for t in trials])
+    has_image = keys != ""
+    if not has_image.any():
+        raise BundleError(
+            f"{session_dir}: events.tsv: stim_id: expected the image of each trial (a stim_id or stim_file column "
+            "naming the image file); no trial has one"
+        )
+    if not has_image.all():
+        logger.warning("%s: %d of %d trials name no image (no stim_id); left out of training and evaluation",
+                       session_dir, int((~has_image).sum()), len(trials))
+    needed = sorted(set(keys[has_image].tolist()))
+    stimuli = stimulus_tokens(config, needed, images, folder_embedder, progress)
+    tokens[has_image] = stimuli.tokens_of(keys[has_image].tolist())
+    return keys, has_image, tokens, stimuli
+
+
+def _load_candidates(
+    config: RTDecoderConfig, source: str, embedding_name: str | None, folder_embedder: Any, progress: bool
+) -> ImageTokens:
+    """The live decoder's candidates the config names, checked against the session's tokens."""
+    return load_image_tokens(
+        source, folder_embedder, config.embedding.cache_dir, batch_size=config.candidates.embed_batch_size,
+        progress=progress, embedding_name=embedding_name or None,
+        token_shape=(config.model.n_tokens, config.model.token_dim), expected_by="the session's image tokens",
+    )
+
+
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def write_reference(
@@ -457,18 +618,3 @@ def _check_pretrained(pretrained_dir: Path, config: RTDecoderConfig) -> None:
             f"{path}: model: {', '.join(different)} differ from the config's model section; "
             "pretrain with the same config (rtdecoder pretrain) or calibrate with the config it used"
         )
-
-
-def _read_image(images_dir: Path, stim_id: str) -> np.ndarray:
-    from PIL import Image
-
-    for suffix in _IMAGE_SUFFIXES:
-        path = images_dir / f"{stim_id}{suffix}"
-        if path.is_file():
-            with Image.open(path) as image:
-                # one size so the images stack; both embedders take 224 px inputs
-                image = image.convert("RGB").resize((_IMAGE_SIZE_PX, _IMAGE_SIZE_PX), Image.BICUBIC)
-                return np.asarray(image, dtype=np.uint8)
-    raise BundleError(
-        f"{images_dir}: --images: no image file for stim_id {stim_id!r} (expected {stim_id}.png, .jpg, ...)"
-    )

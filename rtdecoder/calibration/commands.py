@@ -18,7 +18,10 @@ def add_calibration_commands(groups: argparse._SubParsersAction) -> None:
     calibrate.add_argument("--out", help="the subject bundle folder to write (required unless --write-reference)")
     calibrate.add_argument("--pretrained", help="pretrained model folder (rtdecoder pretrain); default: from scratch")
     calibrate.add_argument(
-        "--images", help="folder of <stim_id>.png/.jpg stimulus images (default: the phantom world's bank)"
+        "--images",
+        help="the session's images, found by each trial's stim_id: a folder of <stim_id>.png/.jpg files, or a "
+        ".safetensors embeddings file (tokens + ids + embedder); required, except for sessions the phantom wrote "
+        "(then the phantom world's stimulus bank)",
     )
     calibrate.add_argument("--subject-id", default="sub-08", help="adapter name (default: sub-08)")
     calibrate.add_argument(
@@ -51,11 +54,30 @@ def add_calibration_commands(groups: argparse._SubParsersAction) -> None:
     calibrate.add_argument("--no-progress", action="store_true", help="no progress bars")
     calibrate.set_defaults(handler=_calibrate)
 
-    pretrain = groups.add_parser("pretrain", help="train the shared model on the phantom world's pretraining subjects")
+    pretrain = groups.add_parser(
+        "pretrain", help="train the shared model on a betas dataset (--data) or the phantom world's subjects"
+    )
     pretrain.add_argument("--config", default="phantom", help="preset name or YAML file (default: phantom)")
     pretrain.add_argument("--out", required=True, help="cache folder; the model goes to OUT/model")
-    pretrain.add_argument("--subjects", default="0-6", help="0-based subjects, e.g. 0-6 or 0,2 (default: 0-6)")
-    pretrain.add_argument("--sessions", default="all", help="0-based sessions, e.g. 0-3 (default: all)")
+    pretrain.add_argument(
+        "--data", metavar="DIR",
+        help="a single-trial betas dataset (sub-XX/betas.safetensors + trials.tsv, stimuli/ or "
+        "embeddings.safetensors; docs/pretraining.md); default: simulate the phantom world's subjects",
+    )
+    pretrain.add_argument(
+        "--subjects",
+        help="with --data: subject folders, e.g. sub-01,sub-02 (default: all); without: 0-based phantom "
+        "subjects, e.g. 0-6 or 0,2 (default: 0-6)",
+    )
+    pretrain.add_argument(
+        "--sessions", default="all",
+        help="with --data: the session numbers of trials.tsv, e.g. 1-3; without: 0-based phantom sessions, "
+        "e.g. 0-3 (default: all)",
+    )
+    pretrain.add_argument(
+        "--device", default="cpu",
+        help="torch device, e.g. cuda (under torchrun: each process's cuda:LOCAL_RANK) (default: cpu)",
+    )
     pretrain.add_argument("--no-progress", action="store_true", help="no progress bars")
     pretrain.set_defaults(handler=_pretrain)
 
@@ -98,9 +120,21 @@ def _calibrate(args: argparse.Namespace) -> int:
         )
     else:
         mask = MaskSource(args.mask, args.mask_space, args.resample_mask)
+    images = args.images
+    if images is None:
+        if not written_by_phantom(args.session):
+            raise BundleError(
+                f"{args.session}: --images: required (the session's volumes were not written by the rtdecoder "
+                "phantom, so its stimulus bank does not apply): pass the folder of the images shown, one "
+                "<stim_id>.png/.jpg per trial's stim_id, or an embeddings file of them"
+            )
+        # The phantom world: its bank is what the phantom's trials saw (their stim_ids are its ids).
+        from rtdecoder.phantom.decoding import phantom_image_tokens
+
+        images = phantom_image_tokens(config, progress=not args.no_progress)
     report = calibrate(
         config, args.session, args.out, args.subject_id, mask,
-        pretrained_dir=args.pretrained, images_dir=args.images, progress=not args.no_progress,
+        pretrained_dir=args.pretrained, images=images, progress=not args.no_progress,
         reference=args.reference, select=select,
     )
     evaluation = report.evaluation
@@ -116,6 +150,15 @@ def _calibrate(args: argparse.Namespace) -> int:
         )
     else:
         print(f"evaluation: {evaluation.get('note', 'none')}")
+    ranked = evaluation.get("candidates", {})
+    if "top1" in ranked:
+        print(
+            f"held-out images among the {ranked['n_candidates']} live candidates ({ranked['n_ranked']} ranked): "
+            f"top-1 {100 * ranked['top1']:.1f}%, top-5 {100 * ranked['top5']:.1f}%, median rank "
+            f"{ranked['median_rank']:g} (chance {ranked['chance_median_rank']:g})"
+        )
+    elif ranked:
+        print(f"live candidates: {ranked['note']}")
     return 0
 
 
@@ -124,13 +167,25 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     from rtdecoder.calibration.pretrain import pretrain
     from rtdecoder.config import load_config
-    from rtdecoder.phantom.generate import parse_index_list
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     config = load_config(args.config)
-    subjects = parse_index_list(args.subjects, config.phantom.n_subjects, "--subjects")
-    sessions = parse_index_list(args.sessions, config.experiment.sessions_per_subject, "--sessions")
-    model_dir = pretrain(config, args.out, subjects, sessions, progress=not args.no_progress)
+    progress = not args.no_progress
+    if args.data is not None:
+        # a lab's own betas: the simulator is never imported on this path
+        from rtdecoder.calibration.dataset import BetasFolder, parse_number_list
+
+        names = [] if args.subjects in (None, "all") else [s.strip() for s in args.subjects.split(",")]
+        subjects = [s for s in names if s] or None
+        data = BetasFolder(args.data, subjects, parse_number_list(args.sessions, "--sessions"))
+    else:
+        from rtdecoder.phantom.generate import parse_index_list
+        from rtdecoder.phantom.world import PhantomWorld
+
+        subjects = parse_index_list(args.subjects or "0-6", config.phantom.n_subjects, "--subjects")
+        sessions = parse_index_list(args.sessions, config.experiment.sessions_per_subject, "--sessions")
+        data = PhantomWorld(config, progress=progress).pretraining_source(subjects, sessions)
+    model_dir = pretrain(config, args.out, data=data, progress=progress, device=args.device)
     print(f"pretrained model: {model_dir}")
     return 0
 

@@ -1,26 +1,33 @@
 """Top-k retrieval: which candidate images best match the predicted retrieval tokens.
 
-Candidates are a bank of images with their embedder tokens: the phantom stimulus bank, or a
-folder of the user's own images, embedded once and cached next to the other embeddings. Scores
-are cosines between the flattened, L2-normalised (T*D) token vectors, as in MindEye2's retrieval.
+Candidates are a bank of images with their embedder tokens: a folder of the lab's images or an
+embeddings file (``candidates.images_dir`` / ``candidates.embeddings_file``, see
+:mod:`rtdecoder.embedding.cache`), or the phantom world's stimulus bank. Their ids are the images'
+``stim_id`` (file stems), so that the shown image of a trial is found among them. Scores are
+cosines between the flattened, L2-normalised (T*D) token vectors, as in MindEye2's retrieval.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from rtdecoder.errors import BundleError, DecoderError
+from rtdecoder.errors import DecoderError
+
+if TYPE_CHECKING:
+    from rtdecoder.embedding.base import Embedder
+    from rtdecoder.embedding.cache import ImageTokens
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# Rows normalised at a time when a bank is built (the float32 copy of a whole bank is never made twice).
+_NORMALISE_ROWS = 256
 
 
 @dataclass
@@ -54,20 +61,34 @@ class CandidateBank:
     ids : list of str
         One id per candidate.
     tokens : numpy.ndarray or torch.Tensor of shape (N, T, D)
-        Their embedder tokens.
+        Their embedder tokens; a memory map (e.g. :class:`~rtdecoder.embedding.cache.ImageTokens`'
+        tokens) is read block by block.
     """
 
     def __init__(self, ids: list[str], tokens: np.ndarray | torch.Tensor) -> None:
-        tokens = torch.as_tensor(np.asarray(tokens, dtype=np.float32))
-        if tokens.ndim != 3 or len(ids) != tokens.shape[0]:
+        if not hasattr(tokens, "shape"):
+            tokens = np.asarray(tokens, dtype=np.float32)
+        shape = tuple(int(n) for n in tokens.shape)
+        if len(shape) != 3 or len(ids) != shape[0]:
             raise DecoderError(
-                f"candidate bank: tokens: expected shape ({len(ids)}, T, D) for {len(ids)} ids "
-                f"(got {tuple(tokens.shape)})"
+                f"candidate bank: tokens: expected shape ({len(ids)}, T, D) for {len(ids)} ids (got {shape})"
             )
         self.ids = list(ids)
         self._row = {candidate_id: row for row, candidate_id in enumerate(self.ids)}
-        self.token_shape = tuple(tokens.shape[1:])
-        self._unit = torch.nn.functional.normalize(tokens.flatten(1), dim=1)  # (N, T*D)
+        self.token_shape: tuple[int, ...] = shape[1:]
+        # Block by block, so that a memory-mapped bank is read once and only the unit vectors are held.
+        self._unit = torch.empty((shape[0], shape[1] * shape[2]), dtype=torch.float32)  # (N, T*D)
+        for start in range(0, shape[0], _NORMALISE_ROWS):
+            block = tokens[start : start + _NORMALISE_ROWS]
+            # a copy: a memory map's block is read-only, and torch wants writable arrays
+            block = torch.from_numpy(np.array(block.detach().cpu() if isinstance(block, torch.Tensor) else block,
+                                              dtype=np.float32))
+            self._unit[start : start + len(block)] = torch.nn.functional.normalize(block.flatten(1), dim=1)
+
+    @classmethod
+    def from_image_tokens(cls, image_tokens: ImageTokens) -> CandidateBank:
+        """Candidates = the images of an :class:`~rtdecoder.embedding.cache.ImageTokens` (ids and tokens)."""
+        return cls(image_tokens.ids, image_tokens.tokens)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -104,49 +125,46 @@ class CandidateBank:
         )
 
     @classmethod
-    def from_folder(cls, folder: str | Path, embedder, cache_dir: str | Path, batch_size: int = 32) -> CandidateBank:
-        """Candidates = the images in a folder (ids: file names), embedded once and cached.
+    def from_folder(
+        cls, folder: str | Path, embedder: Embedder, cache_dir: str | Path, batch_size: int = 32, progress: bool = False
+    ) -> CandidateBank:
+        """Candidates = the images in a folder (ids: file stems), embedded once and cached.
 
-        The cache file's name hashes the embedder name and every file's name, size and
-        modification time, so adding or changing an image makes a new one.
+        The cache entry's key is the embedder's name and the SHA-256 of every file's bytes, so
+        adding, removing or changing an image makes a new one (see :mod:`rtdecoder.embedding.images`).
 
         Parameters
         ----------
         folder : str or Path
-            PNG/JPEG/BMP/WebP files (not searched recursively).
+            Image files (PNG, JPEG, BMP, TIFF, WebP; not searched recursively).
         embedder : Embedder
         cache_dir : str or Path
             Where the ``.safetensors`` cache goes (``embedding.cache_dir``).
+        batch_size : int, default=32
+            Images read and embedded at a time (bounds memory).
+        progress : bool, default=False
+            Progress bar while embedding.
         """
-        from PIL import Image
-        from safetensors.torch import load_file, save_file
+        from rtdecoder.embedding.cache import load_image_tokens
 
-        folder = Path(folder)
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-        if not files:
-            raise BundleError(f"{folder}: expected a folder with image files ({', '.join(IMAGE_SUFFIXES)})")
-        digest = hashlib.sha256(embedder.name.encode())
-        for path in files:
-            stat = path.stat()
-            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-        cache = Path(cache_dir) / f"folder-{digest.hexdigest()[:24]}.safetensors"
-        ids = [p.name for p in files]
-        if cache.is_file():
-            tokens = load_file(str(cache))["tokens"]
-            if tokens.shape[0] == len(ids):
-                return cls(ids, tokens.float().numpy())
-            logger.warning("%s: stale candidate cache; embedding again", cache)
-        chunks = []
-        for start in range(0, len(files), batch_size):
-            images = []
-            for path in files[start:start + batch_size]:
-                try:
-                    with Image.open(path) as image:
-                        images.append(np.asarray(image.convert("RGB").resize((224, 224), Image.BICUBIC)))
-                except OSError as err:
-                    raise BundleError(f"{path}: cannot read image: {err}") from None
-            chunks.append(embedder.embed(np.stack(images)).tokens)
-        tokens = np.concatenate(chunks).astype(np.float32)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"tokens": torch.from_numpy(tokens).half()}, str(cache))
-        return cls(ids, tokens)
+        return cls.from_image_tokens(
+            load_image_tokens(folder, embedder, cache_dir, batch_size=batch_size, progress=progress)
+        )
+
+    @classmethod
+    def from_embeddings_file(
+        cls, path: str | Path, embedding_name: str | None = None, token_shape: tuple[int, int] | None = None
+    ) -> CandidateBank:
+        """Candidates = the rows of an embeddings file (:func:`rtdecoder.embedding.cache.read_embeddings_file`).
+
+        Parameters
+        ----------
+        path : str or Path
+        embedding_name : str, optional
+            The embedder the file must name (metadata ``embedder``); ``None`` checks nothing.
+        token_shape : (int, int), optional
+            (n_tokens, token_dim) its ``tokens`` must have.
+        """
+        from rtdecoder.embedding.cache import load_image_tokens
+
+        return cls.from_image_tokens(load_image_tokens(path, embedding_name=embedding_name, token_shape=token_shape))

@@ -2,21 +2,31 @@
 
 ::
 
-    rtdecoder engines build MODEL_DIR --subject sub-01 [--backend onnx|tensorrt] [--config phantom]
-    rtdecoder engines check MODEL_DIR --subject sub-01      # each backend vs torch eager, 1e-4 relative
-    rtdecoder engines bench MODEL_DIR --subject sub-01 [--steps 20] [--repeats 20]
+    rtdecoder engines build --bundle BUNDLE [--backend onnxruntime|tensorrt] [--config run.yaml]
+    rtdecoder engines build MODEL_DIR --subject sub-01 [--backend onnxruntime|tensorrt] [--config phantom]
+    rtdecoder engines check (--bundle BUNDLE | MODEL_DIR --subject sub-01)   # each backend vs torch eager
+    rtdecoder engines bench (--bundle BUNDLE | MODEL_DIR --subject sub-01) [--steps 20] [--repeats 20]
     rtdecoder engines train-generator [--config phantom]    # phantom teacher + distilled student
 
-Engine folders go to ``<generator.engine_dir>/<model folder name>-<subject>`` unless ``--out``
-names one.
+Engine folders are named ``<backend>-<key>`` by :mod:`rtdecoder.engines.store` (the key: a digest of
+the model's files, the subject and the engine settings of ``--config``'s generator section). With
+``--bundle`` they go into ``BUNDLE/engines/`` (or ``generator.engine_dir`` when the bundle is
+read-only), where ``rtdecoder run`` looks for them: build with the config you run with, or the run
+builds its own once. With a model folder they go into ``generator.engine_dir``, unless ``--out``
+names a folder (not keyed; ``check`` and ``bench`` take the same ``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
+
+from rtdecoder.errors import ConfigError
 
 PARITY_RTOL = 1e-4
+#: ``--backend`` names; ``onnx`` is the older spelling of ``onnxruntime``.
+_BACKEND_NAMES = {"onnxruntime": "onnxruntime", "onnx": "onnxruntime", "tensorrt": "tensorrt"}
 
 
 def add_engines_commands(groups: argparse._SubParsersAction) -> None:
@@ -24,18 +34,23 @@ def add_engines_commands(groups: argparse._SubParsersAction) -> None:
     engines = groups.add_parser("engines", help="ONNX / TensorRT / torch inference engines and generators")
     sub = engines.add_subparsers(dest="engines_command", metavar="ACTION", required=True)
     for name, handler, text in (
-        ("build", _build, "export ONNX (and build TensorRT plans) for one subject"),
+        ("build", _build, "export ONNX (and build TensorRT plans) for one subject, into its bundle"),
         ("check", _check, "compare every available backend with torch eager"),
         ("bench", _bench, "time beta -> tokens -> prior per backend"),
     ):
         cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("model", help="MindEye2 model folder (config.json + model.safetensors)")
-        cmd.add_argument("--subject", required=True, help="subject id whose adapter to use")
-        cmd.add_argument("--config", default="phantom", help="preset name or YAML file (default: phantom)")
-        cmd.add_argument("--out", help="engine folder (default: under generator.engine_dir)")
+        cmd.add_argument("model", nargs="?", help="MindEye2 model folder (config.json + model.safetensors); "
+                         "not with --bundle")
+        cmd.add_argument("--bundle", type=Path, help="subject bundle: its model and subject, engines in BUNDLE/engines")
+        cmd.add_argument("--subject", help="subject id whose adapter to use (with a model folder)")
+        cmd.add_argument("--config", help="preset name or YAML file: the engine settings (default: the bundle's "
+                         "config with --bundle, else phantom)")
+        cmd.add_argument("--out", help="an engine folder of your own (not keyed; default: keyed folders in the "
+                         "bundle or generator.engine_dir)")
         cmd.set_defaults(handler=handler)
         if name == "build":
-            cmd.add_argument("--backend", choices=("onnx", "tensorrt"), default="onnx")
+            cmd.add_argument("--backend", choices=sorted(_BACKEND_NAMES), default=None,
+                             help="default: generator.engine_backend, or onnxruntime when that is torch")
         if name == "bench":
             cmd.add_argument("--steps", type=int, default=None, help="prior steps (default: model.prior_sample_steps)")
             cmd.add_argument("--repeats", type=int, default=20)
@@ -49,21 +64,60 @@ def add_engines_commands(groups: argparse._SubParsersAction) -> None:
     train.set_defaults(handler=_train_generator)
 
 
-def _setup(args: argparse.Namespace):
-    import torch
+class _Target:
+    """What an engines command works on: a config, a model, its subject, and where engines live."""
 
-    from rtdecoder.config import load_config
-    from rtdecoder.decode.model import MindEye2
+    def __init__(self, args: argparse.Namespace) -> None:
+        import torch
 
-    torch.set_num_threads(1)
-    config = load_config(args.config)
-    model = MindEye2.from_pretrained(args.model).eval()
-    default_folder = Path(config.generator.engine_dir) / f"{Path(args.model).name}-{args.subject}"
-    folder = Path(args.out) if args.out else default_folder
-    return config, model, folder
+        from rtdecoder.bundle import SubjectBundle, model_folder_digest
+        from rtdecoder.config import load_config
+        from rtdecoder.decode.model import MindEye2
+
+        torch.set_num_threads(1)
+        self.bundle = None
+        if args.bundle is not None:
+            if args.model is not None or args.subject is not None:
+                raise ConfigError("--bundle: the bundle brings its model and subject; give no MODEL_DIR or --subject")
+            self.bundle = SubjectBundle.load(args.bundle)
+            self.config = load_config(args.config) if args.config else self.bundle.config
+            self.model = self.bundle.load_model().eval()
+            self.subject = self.bundle.subject_id
+            self.weights_sha256 = self.bundle.model_sha256()
+        else:
+            if args.model is None or args.subject is None:
+                raise ConfigError("engines: expected --bundle BUNDLE, or a MODEL_DIR with --subject")
+            self.config = load_config(args.config or "phantom")
+            self.model = MindEye2.from_pretrained(args.model).eval()
+            self.subject = args.subject
+            self.weights_sha256 = model_folder_digest(args.model)
+        self.out = Path(args.out) if args.out else None
+
+    @property
+    def bundle_dir(self) -> Path | None:
+        return None if self.bundle is None else self.bundle.directory
+
+    def key(self, backend: str) -> Any:
+        from rtdecoder.engines.store import engine_key
+
+        return engine_key(self.weights_sha256, self.subject, self.config.generator, backend)
+
+    def folder(self, backend: str) -> Path | None:
+        """The complete engine folder of ``backend`` (``--out`` as given), or ``None``."""
+        from rtdecoder.errors import DecoderError
+
+        if self.out is not None:
+            return self.out
+        from rtdecoder.engines.store import engine_locations, find_engine
+
+        try:
+            key = self.key(backend)
+        except DecoderError:  # tensorrt absent, or no GPU: there can be no plan to run here
+            return None
+        return find_engine(key, engine_locations(self.bundle_dir, self.config.generator.engine_dir))
 
 
-def _engines(model, subject: str, folder: Path) -> list:
+def _engines(target: _Target) -> list:
     """Every backend that can run here, torch eager first."""
     import torch
 
@@ -72,26 +126,36 @@ def _engines(model, subject: str, folder: Path) -> list:
     from rtdecoder.engines.tensorrt import TensorRTEngine
     from rtdecoder.engines.torch_backend import TorchEngine
 
+    model, subject = target.model, target.subject
     found = [TorchEngine(model, subject)]
-    if (folder / ENGINE_META_NAME).is_file():
-        found.append(OnnxRuntimeEngine(folder))
-        if (folder / "encoder.plan").is_file():
-            found.append(TensorRTEngine(folder))
+    onnx_folder = target.folder("onnxruntime")
+    if onnx_folder is not None and (onnx_folder / ENGINE_META_NAME).is_file():
+        found.append(OnnxRuntimeEngine(onnx_folder))
+    plan_folder = target.folder("tensorrt")
+    if plan_folder is not None and (plan_folder / "encoder.plan").is_file():
+        found.append(TensorRTEngine(plan_folder))
     if torch.cuda.is_available():
         found.append(TorchEngine(model, subject, device="cuda", compile=True))
     return found
 
 
 def _build(args: argparse.Namespace) -> int:
-    from rtdecoder.engines.onnx_export import export_onnx
+    target = _Target(args)
+    backend = _BACKEND_NAMES.get(args.backend or target.config.generator.engine_backend, "onnxruntime")
+    if target.out is not None:
+        from rtdecoder.engines.onnx_export import export_onnx
 
-    config, model, folder = _setup(args)
-    export_onnx(model, args.subject, folder, opset=config.generator.onnx_opset)
-    if args.backend == "tensorrt":
-        from rtdecoder.engines.tensorrt import build_tensorrt_engines
+        export_onnx(target.model, target.subject, target.out, opset=target.config.generator.onnx_opset)
+        if backend == "tensorrt":
+            from rtdecoder.engines.tensorrt import build_tensorrt_engines
 
-        build_tensorrt_engines(folder, config.generator.max_batch, config.generator.tensorrt_fp16)
-    print(f"engines written to {folder}")
+            build_tensorrt_engines(target.out, target.config.generator.max_batch, target.config.generator.tensorrt_fp16)
+        print(f"engines written to {target.out}")
+        return 0
+    from rtdecoder.engines.store import ensure_engine
+
+    folder = ensure_engine(target.model, target.key(backend), target.bundle_dir, target.config.generator.engine_dir)
+    print(f"{backend} engine of {target.subject}: {folder}")
     return 0
 
 
@@ -100,9 +164,10 @@ def _check(args: argparse.Namespace) -> int:
 
     from rtdecoder.decode.engine import compare_engines
 
-    _, model, folder = _setup(args)
-    engines = _engines(model, args.subject, folder)
-    betas = torch.randn(2, model.adapters[args.subject].in_features, generator=torch.Generator().manual_seed(0))
+    target = _Target(args)
+    engines = _engines(target)
+    betas = torch.randn(2, target.model.adapters[target.subject].in_features,
+                        generator=torch.Generator().manual_seed(0))
     failed = False
     for engine in engines[1:]:
         errors = compare_engines(engines[0], engine, betas)
@@ -125,11 +190,11 @@ def _bench(args: argparse.Namespace) -> int:
 
     from rtdecoder.decode.engine import sample_prior
 
-    _, model, folder = _setup(args)
-    steps = args.steps or model.config.prior_sample_steps
-    betas = torch.randn(1, model.adapters[args.subject].in_features)
+    target = _Target(args)
+    steps = args.steps or target.model.config.prior_sample_steps
+    betas = torch.randn(1, target.model.adapters[target.subject].in_features)
     print(f"{'backend':24s} {'steps':>5s} {'median ms':>10s} {'p95 ms':>8s}")
-    for engine in _engines(model, args.subject, folder):
+    for engine in _engines(target):
         times = []
         for i in range(args.repeats + 2):
             start = time.perf_counter()

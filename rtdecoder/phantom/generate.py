@@ -12,12 +12,21 @@ Layout under the output folder (BIDS-like; subject, session and run numbers are 
     sub-01/ses-01/func/sub-01_ses-01_task-phantom_run-01_bold.json     RepetitionTime, SliceTiming
     sub-01/ses-01/truth/sub-01_ses-01_task-phantom_run-01_truth.npz    true_betas, latents, motion,
                                                                        hrfs, hrf_index, trial_id
-    level "betas":
+    level "betas": a pretraining dataset (format of rtdecoder.calibration.dataset), plus truth
+    dataset.json                                  {"format": "rtdecoder-betas/1", ...}
+    sub-01/betas.safetensors                      "betas" (n_trials, n_voxels), float32, every
+                                                  session and run written, in that order
+    sub-01/trials.tsv                             stim_id, session, run (1-based), is_test,
+                                                  trial_id, stim_index
+    sub-01/mask.nii.gz                            the visual mask (the betas' voxels, C order)
+    stimuli/<stim_id>.png, stimuli/stimuli.tsv    the stimuli the trials show
+    embeddings.safetensors                        their tokens (when the world's embedder is known)
     sub-01/ses-01/betas/sub-01_ses-01_task-phantom_run-01_betas.npz    betas, true_betas, latents,
                                                                        trial_id, stim_index, is_test
 
-Volumes are stored as int16 scanner units (rounded; values stay below 2000). Every file is a
-function of the configuration alone: the same seed writes byte-identical files.
+``rtdecoder pretrain --data OUT`` reads the betas level as any lab's betas. Volumes are stored as
+int16 scanner units (rounded; values stay below 2000). Every file is a function of the
+configuration alone: the same seed writes byte-identical files.
 """
 
 from __future__ import annotations
@@ -32,11 +41,21 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from rtdecoder.calibration.dataset import (
+    EMBEDDINGS_FILE,
+    STIMULI_DIR,
+    SubjectBetas,
+    write_dataset_json,
+    write_subject_betas,
+)
 from rtdecoder.config import RTDecoderConfig, save_config
+from rtdecoder.embedding.cache import write_embeddings_file
 from rtdecoder.errors import ConfigError
 from rtdecoder.glm.events import write_events_tsv
-from rtdecoder.phantom.subjects import HRF_PARAMETERS, MOTION_PARAMETERS, PhantomSubject, SimulatedRun
-from rtdecoder.phantom.world import PhantomWorld
+from rtdecoder.phantom.stimuli import export_stimuli
+from rtdecoder.phantom.subjects import HRF_PARAMETERS, MOTION_PARAMETERS, PhantomSubject, SimulatedBetas, SimulatedRun
+from rtdecoder.phantom.world import PhantomWorld, simulate_subject_betas
+from rtdecoder.preprocess.mask import VoxelMask
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +134,9 @@ def generate(config: RTDecoderConfig, out_dir: str | Path, subjects: Sequence[in
         0-based numbers; every combination is written.
     level : {"volumes", "betas"}
         ``"volumes"``: 4D NIfTI per run with its truth. ``"betas"``: NSD-style single-trial
-        betas per run (no volumes), for pretraining.
+        betas (no volumes) as a pretraining dataset (:mod:`rtdecoder.calibration.dataset`): each
+        subject's ``betas.safetensors`` + ``trials.tsv`` + ``mask.nii.gz``, the stimulus images and
+        embeddings, and each run's ``_betas.npz`` with its truth.
     world : PhantomWorld, optional
         Reuse an existing world (its embeddings and subjects); default a new one.
     progress : bool, default=True
@@ -141,8 +162,8 @@ def generate(config: RTDecoderConfig, out_dir: str | Path, subjects: Sequence[in
     written = [out / "config.json"]
     jobs = [(s, ses, r) for s in subjects for ses in sessions for r in runs]
     truth_written: set[int] = set()
-    for subject_index, session, run in tqdm(jobs, desc=f"phantom {level}", unit="run",
-                                            disable=not progress):
+    bar = tqdm(total=len(jobs), desc=f"phantom {level}", unit="run", disable=not progress)
+    for subject_index, session, run in jobs:
         subject = world.subject(subject_index)
         if subject_index not in truth_written:
             written += write_subject_truth(subject, out)
@@ -156,10 +177,57 @@ def generate(config: RTDecoderConfig, out_dir: str | Path, subjects: Sequence[in
         if level == "volumes":
             simulated = subject.simulate_run(session, run, world.pooled)
             written += write_run(simulated, func, stem, func.parent)
-        else:
-            written.append(_write_betas(subject, session, run, world.pooled,
-                                        func.parent / "betas" / f"{stem}_betas.npz"))
+            bar.update(1)
+    if level == "betas":
+        written += write_betas_dataset(world, out, subjects, sessions, runs, bar)
+    bar.close()
     logger.info("wrote %d files under %s", len(written), out)
+    return written
+
+
+def write_betas_dataset(world: PhantomWorld, out_dir: str | Path, subjects: Sequence[int],
+                        sessions: Sequence[int], runs: Sequence[int], bar=None) -> list[Path]:
+    """Write simulated betas as a pretraining dataset (:mod:`rtdecoder.calibration.dataset`) with their truth.
+
+    Parameters
+    ----------
+    world : PhantomWorld
+    out_dir : str or Path
+        The dataset root.
+    subjects, sessions, runs : sequence of int
+        0-based; each subject's files hold every listed session and run (trials labelled 1-based).
+    bar : tqdm, optional
+        Advanced by each subject's runs once they are simulated.
+
+    Returns
+    -------
+    list of Path
+        Per subject its ``betas.safetensors``, ``trials.tsv``, ``mask.nii.gz`` and runs'
+        ``_betas.npz``; then the stimuli's ``stimuli.tsv`` (beside their PNGs), the embeddings
+        file (when the world knows its embedder) and ``dataset.json``.
+    """
+    out = Path(out_dir)
+    written: list[Path] = []
+    shown: set[int] = set()
+    for subject_index in subjects:
+        subject = world.subject(subject_index)
+        betas, simulated = simulate_subject_betas(world, subject_index, sessions, runs)
+        for k, run_betas in enumerate(simulated):
+            session, run = sessions[k // len(runs)], runs[k % len(runs)]
+            stem = run_stem(subject_index, session, run)
+            path = out / f"sub-{subject_index + 1:02d}" / f"ses-{session + 1:02d}" / "betas" / f"{stem}_betas.npz"
+            written.append(_write_betas(run_betas, path))
+            shown.update(t.stim_index for t in run_betas.trials)
+        if bar is not None:
+            bar.update(len(simulated))
+        written += _write_subject(out / betas.subject_id, betas, simulated,
+                                  VoxelMask(subject.mask, subject.affine, source=f"phantom {betas.subject_id} mask"))
+    written.append(export_stimuli(world.bank, out / STIMULI_DIR, indices=sorted(shown)))
+    if world.embedding_name is not None:
+        written.append(write_embeddings_file(out / EMBEDDINGS_FILE, world.bank.ids, world.embedding.tokens,
+                                             world.embedding_name, pooled=world.embedding.pooled))
+    written.append(write_dataset_json(out, producer="rtdecoder phantom generate --level betas",
+                                      units="betas: least-squares single-trial estimates, percent signal change"))
     return written
 
 
@@ -244,9 +312,18 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
             archive.writestr(info, buffer.getvalue())
 
 
-def _write_betas(subject: PhantomSubject, session: int, run: int, pooled: np.ndarray,
-                 path: Path) -> Path:
-    simulated = subject.simulate_betas(session, run, pooled)
+def _write_subject(directory: Path, betas: SubjectBetas, simulated: list[SimulatedBetas],
+                   mask: VoxelMask) -> list[Path]:
+    trials = [t for s in simulated for t in s.trials]
+    return write_subject_betas(
+        directory, betas.betas, betas.stim_id.tolist(), betas.session.tolist(), betas.run.tolist(),
+        betas.is_test.tolist(), extra_columns={"trial_id": [t.trial_id for t in trials],
+                                               "stim_index": [t.stim_index for t in trials]},
+        mask=mask,
+    )
+
+
+def _write_betas(simulated: SimulatedBetas, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_npz(path, {
         "betas": simulated.betas,

@@ -9,8 +9,16 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rtdecoder.errors import ConfigError
+
+if TYPE_CHECKING:  # for the annotations only: the web server is imported when the view is asked for
+    import numpy as np
+
+    from rtdecoder.config import RTDecoderConfig
+    from rtdecoder.view.images import ImageSource
+    from rtdecoder.view.server import ViewServer
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +57,8 @@ def add_session_commands(groups: argparse._SubParsersAction) -> None:
                      "(default: an EPI brain mask of the reference)")
     run.add_argument("--reference", type=Path, help="without --bundle: motion reference volume file "
                      "(default: the session's first volume)")
+    run.add_argument("--view", action="store_true", help="serve the operator's live view (a read-only web page; "
+                     "view.host and view.port in the config, default http://127.0.0.1:8765/)")
     run.set_defaults(handler=_run)
 
     demo = groups.add_parser(
@@ -63,6 +73,7 @@ def add_session_commands(groups: argparse._SubParsersAction) -> None:
     demo.add_argument("--calibration-runs", type=int, default=None, help="default: a whole session")
     demo.add_argument("--pretrain-sessions", type=int, default=1, help="sessions per pretraining subject (default 1)")
     demo.add_argument("--pretrain-epochs", type=int, default=2, help="pretraining epochs of the demo (default 2)")
+    demo.add_argument("--view", action="store_true", help="serve the live view of the demo's run (view.port)")
     demo.set_defaults(handler=_demo)
 
 
@@ -79,6 +90,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.bundle is not None and (args.mask is not None or args.reference is not None):
         raise ConfigError("--mask/--reference: only without --bundle (a bundle brings its own mask and reference)")
     bundle = SubjectBundle.load(args.bundle) if args.bundle is not None else None
+    if bundle is not None:  # before any model or engine is loaded: a wrong config fails in a second
+        bundle.check_run_config(config)
     decoder = None
     if bundle is not None and not args.no_decode:
         decoder = _live_decoder(bundle, config)
@@ -92,6 +105,8 @@ def _run(args: argparse.Namespace) -> int:
 
         mask = VoxelMask.from_nifti(args.mask)
     session = LiveSession(config, bundle, args.session_dir, decoder, mask=mask, reference=reference)
+    # started before the session, so a port in use stops the command before the scan, not during it
+    view = start_view(config, session, decoding=decoder is not None) if args.view or config.view.enabled else None
     stop = threading.Event()
     received: list[int] = []
 
@@ -102,7 +117,12 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     defaults = RunPlan("", n_volumes=args.n_volumes, tr_s=args.tr_s)  # for runs beyond the events files
-    summaries = session.run_session(args.watch, run_plans(args), n_runs=args.n_runs, stop=stop, defaults=defaults)
+    try:
+        summaries = session.run_session(args.watch, run_plans(args), n_runs=args.n_runs, stop=stop,
+                                        defaults=defaults)
+    finally:
+        if view is not None:
+            view.close()
     for summary in summaries:
         print(
             f"{summary.run}: {summary.n_volumes} volumes ({summary.n_missing} missing), {summary.n_betas} betas, "
@@ -114,6 +134,56 @@ def _run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 128 + received[0]
     return 0
+
+
+def start_view(
+    config: RTDecoderConfig, session: Any, decoding: bool = True, image_source: ImageSource | None = None,
+) -> ViewServer:
+    """Serve the live view of ``session`` (it follows the session once its publisher is bound).
+
+    ``image_source`` gives the candidates' thumbnails; default :func:`candidate_images`.
+    """
+    from rtdecoder.view.server import ViewServer, attach
+
+    if image_source is None:
+        image_source = candidate_images(config)
+    server = ViewServer(config.view, config.session, config.publish, image_source=image_source,
+                        decoding=decoding).start()
+    attach(server, session)
+    print(f"rtdecoder: live view at {server.url}", file=sys.stderr)
+    return server
+
+
+def candidate_images(config: RTDecoderConfig) -> ImageSource | None:
+    """The retrieval candidates' images for thumbnails: ``candidates.images_dir``, else the phantom bank.
+
+    ``None`` with only ``candidates.embeddings_file`` (there are no images to show, only ids).
+    """
+    if config.candidates.images_dir:
+        from rtdecoder.view.images import folder_image_source
+
+        return folder_image_source(config.candidates.images_dir)
+    if getattr(config.candidates, "embeddings_file", None) or config.generator.kind != "phantom":
+        return None
+    return _phantom_bank_images(config)
+
+
+def _phantom_bank_images(config: RTDecoderConfig) -> ImageSource:
+    """The phantom stimulus bank's images, the bank built at the first thumbnail asked for (it takes seconds)."""
+    lock = threading.Lock()
+    built: list = []
+
+    def image(stim_id: str) -> np.ndarray:
+        with lock:
+            if not built:
+                from rtdecoder.phantom.stimuli import StimulusBank
+
+                built.append(StimulusBank.build(config.phantom.n_stimuli, config.phantom.image_size_px,
+                                                config.phantom.seed))
+        bank = built[0]
+        return bank.image(bank.index_of(stim_id))
+
+    return image
 
 
 def _live_decoder(bundle, config):
@@ -155,7 +225,7 @@ def _demo(args: argparse.Namespace) -> int:
         raise ConfigError(f"--speed: expected a positive factor (got {args.speed})")
     figures = run_demo(load_config(args.config), args.work_dir, speed=args.speed,
                        calibration_runs=args.calibration_runs, pretrain_sessions=args.pretrain_sessions,
-                       pretrain_epochs=args.pretrain_epochs)
+                       pretrain_epochs=args.pretrain_epochs, view=args.view)
     for key, value in figures.items():
         print(f"{key:36s} {value}")
     return 0 if figures["messages_missing_at_subscriber"] == 0 else 1

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ def run_demo(
     pretrain_sessions: int = 1,
     pretrain_epochs: int | None = 2,
     progress: bool = True,
+    view: bool = False,
 ) -> dict[str, Any]:
     """Run the demo; returns the report's figures plus what the subscriber saw.
 
@@ -49,6 +51,9 @@ def run_demo(
     pretrain_epochs : int or None, default=2
         Pretraining epochs for the demo (``None``: ``training.pretrain_epochs``). The demo's
         pretrained model is a quick one; ``bench/bench_calibration.py`` measures the full recipe.
+    view : bool, default=False
+        Serve the operator's live view (:mod:`rtdecoder.view`, at ``view.host:view.port``) while
+        the live run is scanned, with the stimulus bank's thumbnails; its URL is in the figures.
     """
     from rtdecoder.bundle import SubjectBundle
     from rtdecoder.calibration.calibrate import calibrate
@@ -74,10 +79,12 @@ def run_demo(
     held_out = config.phantom.n_subjects - 1
     subject = subject_id(held_out)
     logger.info("demo: pretraining on subjects 0..%d (cached after the first time)", held_out - 1)
-    pretrained = pretrain(config, work_dir / "pretrained", subjects=range(held_out),
-                          sessions=range(pretrain_sessions), world=world, progress=progress)
+    pretrained = pretrain(config, work_dir / "pretrained", progress=progress,
+                          data=world.pretraining_source(range(held_out), range(pretrain_sessions)))
 
     bundle_dir = work_dir / "bundle"
+    if (bundle_dir / "metadata.json").is_file() and not _bundle_fits(bundle_dir, config):
+        shutil.rmtree(bundle_dir)
     if not (bundle_dir / "metadata.json").is_file():
         n_runs = calibration_runs or config.experiment.runs_per_session
         session_dir = work_dir / "calibration-session"
@@ -108,12 +115,17 @@ def run_demo(
     watch_dir.mkdir(parents=True, exist_ok=True)
     plan = RunPlan("run-01", watch_dir, live.volumes.shape[3], live.tr_s, live.trials)
     session = LiveSession(config, bundle, session_dir, decoder)
+    bank = world.bank
+    view_server = _start_view(config, session, world) if view else None
     logger.info("demo: scanning the live run (%d volumes) at %.0fx real time", plan.n_volumes, speed)
-    _summary, received = scan_and_decode(session, plan, live, speed)
+    try:
+        _summary, received = scan_and_decode(session, plan, live, speed)
+    finally:
+        if view_server is not None:
+            view_server.close()
 
     seqs = [m.seq for m in received]
     gaps = sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs))
-    bank = world.bank
     figures = write_report(
         session_dir, "run-01", work_dir / "report.html", live.tr_s,
         seen_image=lambda stim_id: bank.image(bank.index_of(stim_id)),
@@ -124,7 +136,40 @@ def run_demo(
         "demo_seconds": time.monotonic() - started,
         "report": str(work_dir / "report.html"),
     })
+    if view_server is not None:
+        figures["view"] = view_server.url
     return figures
+
+
+def _start_view(config: RTDecoderConfig, session: Any, world: Any) -> Any:
+    """The live view of the demo's session, its thumbnails from the candidates' folder or the world's bank."""
+    from rtdecoder.view.images import folder_image_source
+    from rtdecoder.view.server import ViewServer, attach
+
+    if config.candidates.images_dir:
+        images = folder_image_source(config.candidates.images_dir)
+    else:
+        bank = world.bank
+
+        def images(stim_id: str) -> Any:
+            return bank.image(bank.index_of(stim_id))
+
+    server = ViewServer(config.view, config.session, config.publish, image_source=images).start()
+    attach(server, session)
+    print(f"rtdecoder demo: live view at {server.url}", flush=True)
+    return server
+
+
+def _bundle_fits(bundle_dir: Path, config: Any) -> bool:
+    """Whether a cached demo bundle was calibrated with what this config governs (else it is made again)."""
+    from rtdecoder.bundle import SubjectBundle
+
+    try:
+        SubjectBundle.load(bundle_dir).check_run_config(config)
+    except DecoderError as err:
+        logger.info("demo: the cached bundle does not fit this config (%s); calibrating again", err)
+        return False
+    return True
 
 
 def _mask_as_exported(subject: Any, run_dir: Path) -> Any:

@@ -2,7 +2,8 @@
 
 Motion trace, per-volume and per-trial latency histograms, beta readiness (seconds from onset to
 the first beta), retrieval accuracy, and a gallery of reconstructions beside the images that were
-shown. Plots are PNGs embedded in the page, so the report is one self-contained file.
+shown and thumbnails of the top retrieved candidates (the shown one framed). Plots and images are
+PNGs embedded in the page, so the report is one self-contained file.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ def write_report(
     tr_s: float,
     seen_image: Callable[[str], np.ndarray | None] | None = None,
     max_gallery: int = 24,
+    candidate_image: Callable[[str], np.ndarray | None] | None = None,
+    thumbnails_per_trial: int = 5,
+    thumbnail_px: int = 64,
 ) -> dict[str, Any]:
     """Write ``out_path`` (HTML) for one run of a session; returns the figures it shows.
 
@@ -44,6 +48,16 @@ def write_report(
         ``seen_image(stim_id)`` returns the shown image (uint8 H×W×3) for the gallery.
     max_gallery : int, default=24
         Reconstructions shown.
+    candidate_image : callable, optional
+        ``candidate_image(candidate_id)`` returns a retrieval candidate's image (uint8 H×W×3) or
+        ``None``, for the thumbnails of each trial's top retrieved candidates (e.g.
+        :func:`rtdecoder.view.images.folder_image_source` of ``candidates.images_dir``). Default:
+        ``seen_image`` (the shown images are usually among the candidates). Without either, the
+        gallery lists the candidate ids.
+    thumbnails_per_trial : int, default=5
+        Retrieved candidates shown per trial (at most the session's ``retrieval_top_k``).
+    thumbnail_px : int, default=64
+        Edge of each candidate thumbnail, pixels.
     """
     import matplotlib
 
@@ -108,22 +122,69 @@ def write_report(
     ):
         fig, ax = plt.subplots(figsize=(6, 2.8))
         if len(values):
-            ax.hist(values, bins=30, color="#4477aa")
+            # rounded: values equal but for float noise (a readiness of 6.4 s computed two ways) leave
+            # numpy no room for 30 bins and it raises; equal values get its default one-unit range
+            ax.hist(np.round(values, 6), bins=30, color="#4477aa")
             ax.axvline(np.median(values), color="k", linestyle="--", label=f"median {np.median(values):.1f} {unit}")
             ax.legend(fontsize=8)
         ax.set_xlabel(unit)
         plots.append((title, _png(fig)))
 
     gallery = []
+    thumbnails = _Thumbnails(candidate_image or seen_image, thumbnail_px)
     for m in decodes[:max_gallery]:
         shown = seen_image(m.data["stim_id"]) if seen_image and m.data.get("stim_id") else None
         gallery.append((
             m.data["trial_id"], m.data.get("stim_id"), _img_tag(shown),
             _img_tag_png(m.data.get("image_png")) or html.escape(str(m.data.get("reconstruction"))),
-            ", ".join(m.data["retrieval"]["ids"][:3]),
+            _retrieved(m.data, thumbnails, thumbnails_per_trial),
         ))
     Path(out_path).write_text(_page(run, figures, plots, gallery))
     return figures
+
+
+class _Thumbnails:
+    """Candidate thumbnails as ``<img>`` tags, each candidate encoded once however often it is retrieved."""
+
+    def __init__(self, source: Callable[[str], np.ndarray | None] | None, size_px: int) -> None:
+        self.source = source
+        self.size_px = size_px
+        self._tags: dict[str, str] = {}
+
+    def tag(self, candidate_id: str, title: str) -> str:
+        if self.source is None:
+            return ""
+        if candidate_id not in self._tags:
+            from rtdecoder.view.images import thumbnail_png
+
+            try:
+                image = self.source(candidate_id)
+            except Exception:  # e.g. an id the bank does not know: the id is listed without a picture
+                image = None
+            self._tags[candidate_id] = "" if image is None else base64.b64encode(
+                thumbnail_png(image, self.size_px)).decode("ascii")
+        data = self._tags[candidate_id]
+        if not data:
+            return ""
+        return (f'<img width="{self.size_px}" height="{self.size_px}" title="{html.escape(title)}" '
+                f'src="data:image/png;base64,{data}">')
+
+
+def _retrieved(data: dict[str, Any], thumbnails: _Thumbnails, n: int) -> str:
+    """The top-``n`` retrieved candidates of one decode: thumbnail, rank, id and score; the shown one framed."""
+    retrieval = data.get("retrieval") or {}
+    ids, scores = list(retrieval.get("ids") or [])[:n], list(retrieval.get("scores") or [])
+    cells = []
+    for rank, candidate in enumerate(ids, start=1):
+        score = f"{scores[rank - 1]:.3f}" if rank <= len(scores) else "-"
+        label = f"{rank}. {candidate} ({score})"
+        hit = " hit" if candidate == data.get("stim_id") else ""
+        cells.append(f'<figure class="cand{hit}">{thumbnails.tag(str(candidate), label)}'
+                     f"<figcaption>{html.escape(label)}</figcaption></figure>")
+    rank = retrieval.get("shown_rank")
+    if rank is not None:
+        cells.append(f'<p class="rank">shown image: rank {int(rank)} of {retrieval.get("n_candidates", "?")}</p>')
+    return "".join(cells)
 
 
 def _ready_s(message: Any, tr_s: float) -> float:
@@ -174,16 +235,20 @@ def _page(run: str, figures: dict[str, Any], plots: list[tuple[str, str]], galle
     )
     cells = "".join(
         f"<tr><td>{html.escape(tid)}</td><td>{html.escape(str(sid))}</td><td>{seen}</td><td>{rec}</td>"
-        f"<td>{html.escape(top)}</td></tr>"
+        f"<td>{top}</td></tr>"
         for tid, sid, seen, rec, top in gallery
     )
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>rtdecoder run {html.escape(run)}</title>"
         "<style>body{font-family:sans-serif;margin:2em}td{padding:4px 8px;vertical-align:middle}"
-        "table{border-collapse:collapse}tr:nth-child(even){background:#f3f3f3}</style></head><body>"
+        "table{border-collapse:collapse}tr:nth-child(even){background:#f3f3f3}"
+        "figure.cand{display:inline-block;margin:2px 4px;text-align:center;font-size:11px;max-width:90px}"
+        "figure.cand img{border:2px solid transparent}figure.cand.hit img{border-color:#2a2}"
+        "figure.cand.hit figcaption{color:#2a2;font-weight:bold}figcaption{overflow-wrap:anywhere}"
+        "p.rank{margin:2px 4px;font-size:12px}</style></head><body>"
         f"<h1>rtdecoder: {html.escape(run)}</h1><h2>Figures</h2><table>{rows}</table>"
         f"<h2>Plots</h2>{plot_html}"
         "<h2>Reconstructions</h2><table><tr><th>trial</th><th>stimulus</th><th>seen</th>"
-        f"<th>reconstruction</th><th>top-3 retrieval</th></tr>{cells}</table></body></html>"
+        f"<th>reconstruction</th><th>retrieved (top candidates, cosine score)</th></tr>{cells}</table></body></html>"
     )

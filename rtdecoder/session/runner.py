@@ -260,6 +260,8 @@ class LiveSession:
     ) -> None:
         if decoder is not None and bundle is None:
             raise ConfigError("LiveSession: a decoder needs the subject bundle it was calibrated with")
+        if bundle is not None:  # the bundle's glm, preprocess, embedding and model sections govern the run
+            bundle.check_run_config(config)
         self.config = config
         self.bundle = bundle
         self.session_dir = Path(session_dir)

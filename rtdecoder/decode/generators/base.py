@@ -6,7 +6,9 @@ generator to MindEye2's SDXL unCLIP, answer the same call::
     images = generator.generate(tokens, n_steps=4, seed=0)   # uint8 (B, H, W, 3)
 
 so the session loop, the benches and the metrics never ask which one they hold. The low-level
-("blurry") image of MindEye2 is mixed in afterwards with :func:`blend_lowlevel`.
+("blurry") image of MindEye2 is mixed in afterwards with :func:`blend_lowlevel`: the model's
+low-level head gives either a small RGB image or a VAE latent, which :func:`lowlevel_images`
+turns into pixels (with the generator's own VAE, :func:`lowlevel_vae_for`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from rtdecoder.errors import DecoderError
+from rtdecoder.errors import ConfigError, DecoderError
+
+#: Channels of a low-level output that is an RGB image rather than a latent.
+RGB_CHANNELS = 3
 
 
 @runtime_checkable
@@ -146,3 +151,62 @@ def decode_lowlevel(latents: torch.Tensor, vae: torch.nn.Module, scaling_factor:
     param = next(vae.parameters())
     images = vae.decode(latents.to(param.device, param.dtype) / scale).sample
     return to_uint8(images)
+
+
+def lowlevel_vae_for(generator: Generator, channels: int) -> torch.nn.Module | None:
+    """The VAE that turns a ``channels``-channel low-level output into pixels for ``generator``.
+
+    A generator with a VAE of that many latent channels (unCLIP: the SDXL VAE, 4) decodes latents
+    with it; a 3-channel output is an RGB image and needs none.
+
+    Parameters
+    ----------
+    generator : Generator
+    channels : int
+        ``model.lowlevel_channels`` of the model whose low-level head is blended in.
+
+    Returns
+    -------
+    diffusers.AutoencoderKL or None
+        ``None``: the output is an RGB image (:func:`lowlevel_images` without a VAE).
+
+    Raises
+    ------
+    ConfigError
+        When the output is a latent that the generator has no VAE for.
+    """
+    vae = getattr(generator, "vae", None)
+    if vae is not None and getattr(vae.config, "latent_channels", None) == channels:
+        return vae
+    if channels == RGB_CHANNELS:
+        return None
+    have = "no VAE" if vae is None else f"a VAE of {getattr(vae.config, 'latent_channels', '?')} latent channels"
+    raise ConfigError(
+        f"model.lowlevel_channels: the low-level head gives {channels}-channel latents but generator "
+        f"{generator.name!r} has {have} to decode them; set generator.lowlevel_weight: 0 to leave them out"
+    )
+
+
+def lowlevel_images(lowlevel: torch.Tensor, vae: torch.nn.Module | None = None) -> np.ndarray:
+    """The low-level head's output as uint8 images.
+
+    Parameters
+    ----------
+    lowlevel : torch.Tensor of shape (B, C, S, S)
+        Without ``vae``: an RGB image (C = 3) in [-1, 1], the generators' pixel range. With it: a
+        latent in the VAE's scaled latent space, decoded as :func:`decode_lowlevel` does.
+    vae : diffusers.AutoencoderKL, optional
+        From :func:`lowlevel_vae_for`.
+
+    Returns
+    -------
+    numpy.ndarray of uint8, shape (B, S', S', 3)
+        ``S' = S`` for RGB, ``f S`` for latents (``f``: the VAE's upsampling factor).
+    """
+    if vae is not None:
+        return decode_lowlevel(lowlevel, vae)
+    if lowlevel.ndim != 4 or lowlevel.shape[1] != RGB_CHANNELS:
+        raise DecoderError(
+            f"lowlevel_images: expected (B, 3, S, S) RGB without a VAE (got {tuple(lowlevel.shape)})"
+        )
+    return to_uint8(lowlevel)

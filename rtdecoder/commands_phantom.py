@@ -1,4 +1,8 @@
-"""``rtdecoder phantom ...``: the simulated world's subcommands."""
+"""``rtdecoder phantom ...``: the simulated world's subcommands.
+
+It lives outside :mod:`rtdecoder.phantom` so that building the command line imports no
+simulator module: each handler imports what it needs when its command runs.
+"""
 
 from __future__ import annotations
 
