@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from rtdecoder import __version__
-from rtdecoder.errors import DecoderError
+from rtdecoder.errors import DecoderError, WireProtocolError
 
 EXIT_USER_ERROR = 1
 EXIT_USAGE = 2
@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.handler(args) or 0)
-    except DecoderError as err:
+    except (DecoderError, WireProtocolError) as err:
         print(f"rtdecoder: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

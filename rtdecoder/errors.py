@@ -11,6 +11,8 @@ rtdecoder root or the standard exception it already handles.
 
 from __future__ import annotations
 
+from rtdecoder_client.errors import ProtocolError as WireProtocolError
+
 
 class DecoderError(Exception):
     """Root of every error rtdecoder raises about its inputs or state."""
@@ -32,8 +34,12 @@ class BundleError(DecoderError, ValueError):
     """A subject bundle or model folder is missing a file or does not match the session."""
 
 
-class ProtocolError(DecoderError, ValueError):
-    """A message on the control or result sockets does not follow the protocol."""
+class ProtocolError(DecoderError, WireProtocolError):
+    """A message on the control or result sockets does not follow the protocol.
+
+    It derives from the client's :class:`rtdecoder_client.errors.ProtocolError` (a ``ValueError``),
+    which the wire-format code shared with the client raises: catch that one to catch both.
+    """
 
 
 class OrderError(DecoderError):

@@ -14,10 +14,10 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+from rtdecoder_client.client import ControlClient
 from test_session import OVERRIDES, _synthetic_run
 
 from rtdecoder.config import load_config
-from rtdecoder.publish.client import ControlClient
 from rtdecoder.session.runner import LiveSession
 
 N_REQUESTS = int(os.environ.get("RTDECODER_FUZZ_N", "300"))

@@ -14,13 +14,15 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+from rtdecoder_client.client import ControlClient, ResultSubscriber
+from rtdecoder_client.errors import ProtocolError
+from rtdecoder_client.messages import Message, pack_map, unpack_map
 
 from rtdecoder.config import PublishConfig
-from rtdecoder.errors import ConfigError, ProtocolError, PublisherError, VolumeError
+from rtdecoder.errors import ConfigError, PublisherError, VolumeError
+from rtdecoder.errors import ProtocolError as SessionProtocolError
 from rtdecoder.ingest.watcher import FileProblem
-from rtdecoder.publish.client import ControlClient, ResultSubscriber
 from rtdecoder.publish.control import MAX_REQUEST_BYTES, OnsetRequest, RunEndRequest, RunStartRequest
-from rtdecoder.publish.messages import Message, pack_map, unpack_map
 from rtdecoder.publish.publisher import ResultPublisher
 
 LOOPBACK = {"result_address": "tcp://127.0.0.1:*", "control_address": "tcp://127.0.0.1:*"}
@@ -311,7 +313,7 @@ def test_status_messages_are_one_line_of_text() -> None:
 def test_errors_about_values_are_value_errors() -> None:
     from rtdecoder.errors import BundleError, DecoderError
 
-    for error in (ConfigError, VolumeError, BundleError, ProtocolError):
+    for error in (ConfigError, VolumeError, BundleError, SessionProtocolError):
         assert issubclass(error, ValueError) and issubclass(error, DecoderError)
     with pytest.raises(ValueError, match="publish.control_address"):
         ResultPublisher(PublishConfig(**{**LOOPBACK, "control_address": "tcp://127.0.0.1:99999"}), "s").start()

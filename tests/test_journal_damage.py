@@ -6,9 +6,9 @@ import struct
 import zlib
 
 import pytest
+from rtdecoder_client.messages import pack_map
 
 from rtdecoder.errors import DecoderError, JournalError
-from rtdecoder.publish.messages import pack_map
 from rtdecoder.session.journal import Journal, iter_records, read_records
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from rtdecoder_client.client import ControlClient, ResultSubscriber
+from rtdecoder_client.errors import ProtocolError
+from rtdecoder_client.messages import SCHEMA_VERSION, Message, decode, encode, pack_map
 
 from rtdecoder.config import PublishConfig
-from rtdecoder.errors import ConfigError, ProtocolError
-from rtdecoder.publish.client import ControlClient, ResultSubscriber
+from rtdecoder.errors import ConfigError
 from rtdecoder.publish.control import OnsetRequest
 from rtdecoder.publish.keys import make_keys
-from rtdecoder.publish.messages import SCHEMA_VERSION, Message, decode, encode, pack_map
 from rtdecoder.publish.publisher import ResultPublisher
 
 LOOPBACK = {"result_address": "tcp://127.0.0.1:*", "control_address": "tcp://127.0.0.1:*"}

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from rtdecoder_client.client import ResultSubscriber
 from scipy import ndimage
 
 from rtdecoder.bundle import SubjectBundle
@@ -26,7 +27,6 @@ from rtdecoder.glm.design import trial_regressors
 from rtdecoder.glm.events import Trial, write_events_tsv
 from rtdecoder.glm.hrf import canonical_hrf
 from rtdecoder.phantom.scanner import FaultPlan, volumes_from_array, write_run
-from rtdecoder.publish.client import ResultSubscriber
 from rtdecoder.session import runner as runner_module
 from rtdecoder.session.journal import read_records
 from rtdecoder.session.report import write_report

@@ -11,12 +11,13 @@ import time
 
 import numpy as np
 import pytest
+from rtdecoder_client.client import ResultSubscriber
+from rtdecoder_client.errors import ProtocolError
 from test_session import _synthetic_run, _write
 from test_session_runs import _front_end_config, _published, _volume_indices
 
-from rtdecoder.errors import JournalError, ProtocolError
+from rtdecoder.errors import JournalError
 from rtdecoder.glm.events import write_events_tsv
-from rtdecoder.publish.client import ResultSubscriber
 from rtdecoder.session.journal import read_records
 from rtdecoder.session.runner import JOURNAL_NAME, LiveSession, RunPlan
 
@@ -122,11 +123,11 @@ def test_one_run_survives_every_kind_of_hostile_input(tmp_path, rng, real_dicom_
 
     import nibabel as nib
     import zmq
+    from rtdecoder_client.client import ControlClient
     from test_session import OVERRIDES, FakeDecoder
 
     from rtdecoder.config import load_config
     from rtdecoder.phantom.scanner import volumes_from_array, write_run
-    from rtdecoder.publish.client import ControlClient
 
     volumes, affine, trials, bundle, _ = _synthetic_run(rng)
     watch, session_dir = tmp_path / "export", tmp_path / "session"

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import yaml
 from nilearn.masking import compute_epi_mask
+from rtdecoder_client.client import ControlClient, ResultSubscriber
 from test_session import OVERRIDES, TR_S, _synthetic_run
 
 from rtdecoder.config import load_config
 from rtdecoder.errors import ConfigError, DecoderError
 from rtdecoder.glm.events import Trial, write_events_tsv
 from rtdecoder.phantom.scanner import replay_dicom_folder, volumes_from_array, write_run
-from rtdecoder.publish.client import ControlClient, ResultSubscriber
 from rtdecoder.session.journal import read_records
 from rtdecoder.session.runner import JOURNAL_NAME, LiveSession, RunPlan
 

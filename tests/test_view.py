@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from rtdecoder_client.client import ControlClient
+from rtdecoder_client.messages import Message
 
 from rtdecoder.config import PublishConfig, SessionConfig, ViewConfig, load_config
 from rtdecoder.errors import ConfigError
-from rtdecoder.publish.client import ControlClient
-from rtdecoder.publish.messages import Message
 from rtdecoder.publish.publisher import ResultPublisher
 from rtdecoder.session.journal import Journal
 from rtdecoder.session.report import write_report

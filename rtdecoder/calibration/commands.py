@@ -81,6 +81,46 @@ def add_calibration_commands(groups: argparse._SubParsersAction) -> None:
     pretrain.add_argument("--no-progress", action="store_true", help="no progress bars")
     pretrain.set_defaults(handler=_pretrain)
 
+    evaluate = groups.add_parser(
+        "evaluate",
+        help="score a bundle on a recorded test session through the live front end: retrieval, live figures",
+        description="Run a recorded session through the front end 'rtdecoder run' builds from the bundle (its "
+        "motion reference, statistics and HRFs), then report retrieval of the test images (repeats averaged, "
+        "both ways, top-1/top-5), the live figures (single trials at the first beta, after refinements and "
+        "at the run's end, among the run's images and among the test set) and, with a generator, image "
+        "metrics of reconstructions. A table on stdout; JSON in OUT/evaluation.json.",
+    )
+    evaluate.add_argument("--bundle", required=True, help="the subject bundle folder (rtdecoder calibrate)")
+    evaluate.add_argument(
+        "--session", required=True,
+        help="the test session: run folders each with volumes + events.tsv, or a BIDS session",
+    )
+    evaluate.add_argument("--config", help="preset name or YAML file of the run (default: the bundle's own config)")
+    evaluate.add_argument(
+        "--images",
+        help="the session's images by stim_id: a folder of <stim_id>.png/.jpg files (also scored against the "
+        "reconstructions) or a .safetensors embeddings file; required, except for sessions the phantom wrote",
+    )
+    evaluate.add_argument("--out", help="folder for evaluation.json (default: print only)")
+    evaluate.add_argument(
+        "--select", metavar="ENTITY=VALUE", action="append", default=[],
+        help="BIDS sessions: take only runs with this entity value, e.g. --select task=nsd (repeatable)",
+    )
+    evaluate.add_argument("--pool-size", type=int, default=300,
+                          help="images per random pool of the averaged retrieval (default 300, as the field)")
+    evaluate.add_argument("--n-pools", type=int, default=30, help="random pools averaged (default 30)")
+    evaluate.add_argument(
+        "--slow-s", type=float, default=29.5,
+        help="the 'slow' live figure: the latest beta at most this many seconds after onset (default 29.5, "
+        "real-time MindEye's); 0 or less: each trial's last refinement",
+    )
+    evaluate.add_argument("--no-reconstruct", action="store_true",
+                          help="no reconstructions and image metrics, even with a generator configured")
+    evaluate.add_argument("--max-reconstructions", type=int, default=100,
+                          help="test images reconstructed for the image metrics (default 100)")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    evaluate.set_defaults(handler=_evaluate)
+
 
 def _calibrate(args: argparse.Namespace) -> int:
     import torch
@@ -187,6 +227,67 @@ def _pretrain(args: argparse.Namespace) -> int:
         data = PhantomWorld(config, progress=progress).pretraining_source(subjects, sessions)
     model_dir = pretrain(config, args.out, data=data, progress=progress, device=args.device)
     print(f"pretrained model: {model_dir}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from rtdecoder.bundle import SubjectBundle
+    from rtdecoder.calibration.betas import find_runs
+    from rtdecoder.calibration.calibrate import written_by_phantom
+    from rtdecoder.calibration.evaluate import evaluate_session, format_table, session_images
+    from rtdecoder.config import load_config
+    from rtdecoder.errors import BundleError, ConfigError
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+    for name in ("pool_size", "n_pools"):
+        if getattr(args, name) < (2 if name == "pool_size" else 1):
+            raise ConfigError(f"--{name.replace('_', '-')}: expected a positive count (got {getattr(args, name)})")
+    bundle = SubjectBundle.load(args.bundle)
+    config = load_config(args.config) if args.config else bundle.config
+    bundle.check_run_config(config)  # a wrong config fails before any volume is read
+    select = _entity_selection(args.select)
+    find_runs(args.session, select)
+    progress = not args.no_progress
+    if args.images is not None:
+        tokens, seen_image = session_images(config, args.session, args.images, select, progress=progress)
+    elif written_by_phantom(args.session):
+        # The phantom world: its bank is what the phantom's trials saw (their stim_ids are its ids).
+        from rtdecoder.phantom.decoding import phantom_image_tokens
+        from rtdecoder.phantom.world import PhantomWorld
+
+        world = PhantomWorld(config, progress=progress)
+        bank, known = world.bank, set(world.bank.ids)
+        tokens = phantom_image_tokens(config, progress=progress, world=world)
+
+        def seen_image(stim_id: str) -> Any:
+            return bank.image(bank.index_of(stim_id)) if stim_id in known else None
+    else:
+        raise BundleError(
+            f"{args.session}: --images: required (the session's volumes were not written by the rtdecoder "
+            "phantom, so its stimulus bank does not apply): pass the folder of the images shown, one "
+            "<stim_id>.png/.jpg per trial's stim_id, or an embeddings file of them"
+        )
+    decoder = None
+    if config.session.reconstruct and not args.no_reconstruct:
+        # the decoder 'rtdecoder run' would use, generator included
+        if config.generator.kind == "phantom":
+            from rtdecoder.phantom.decoding import phantom_live_decoder
+
+            decoder = phantom_live_decoder(bundle, config)
+        else:
+            from rtdecoder.compose import live_decoder_from_config
+
+            decoder = live_decoder_from_config(bundle, config)
+    result = evaluate_session(
+        config, bundle, args.session, tokens, select=select, pool_size=args.pool_size, n_pools=args.n_pools,
+        slow_after_onset_s=args.slow_s if args.slow_s > 0 else None, decoder=decoder, seen_image=seen_image,
+        max_reconstructions=args.max_reconstructions, out_dir=args.out, progress=progress,
+    )
+    print(format_table(result))
+    if args.out:
+        print(f"\nJSON: {args.out}/evaluation.json")
     return 0
 
 

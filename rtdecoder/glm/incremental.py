@@ -3,7 +3,8 @@
 The estimator never refits the run. Each volume adds one row ``x_t`` of the design and one row
 ``y_t`` (V,) of data to running sums, and betas are solved from the sums when they are asked for.
 The sums are, per HRF group ``g`` (voxels sharing a library HRF; one group for a canonical HRF),
-with ``X_g`` the trial columns, ``N`` the nuisance columns (motion, then drift) and ``Y`` the data::
+with ``X_g`` the trial columns, ``N`` the nuisance columns (motion, then any extra confounds given
+with each volume, such as GLMdenoise's noise regressors, then drift) and ``Y`` the data::
 
     G_g = X_g' X_g   (n_trials, n_trials)      B_g = X_g' Y_g   (n_trials, V_g)
     C_g = X_g' N     (n_trials, n_nuisance)    NY  = N' Y       (n_nuisance, V)
@@ -157,6 +158,9 @@ class IncrementalGLM:
         Cosine cut-off, Hz.
     motion_confounds : bool, default=True
         Add the six motion parameters of each volume as confounds.
+    n_confounds : int, default=0
+        Extra nuisance columns whose values come with each volume (``confounds`` of :meth:`update`),
+        e.g. the noise regressors of :class:`rtdecoder.glm.denoise.NoiseComponents`.
     beta_wait_s : float, default=8.0
         A trial's beta is released once the latest volume's frame time is this long after onset.
     publish_refinements : bool, default=True
@@ -197,6 +201,7 @@ class IncrementalGLM:
         beta_wait_s: float = 8.0,
         publish_refinements: bool = True,
         oversampling: int = DEFAULT_OVERSAMPLING,
+        n_confounds: int = 0,
     ) -> None:
         self.trials = trials
         self.tr_s = tr_s
@@ -213,6 +218,7 @@ class IncrementalGLM:
         self.beta_wait_s = beta_wait_s
         self.publish_refinements = publish_refinements
         self.oversampling = oversampling
+        self.n_confounds = n_confounds
         self.n_voxels_: int | None = None
 
     @classmethod
@@ -226,6 +232,7 @@ class IncrementalGLM:
         hrf_per_voxel: np.ndarray | None = None,
         hrf_library: np.ndarray | None = None,
         slice_times_s: np.ndarray | None = None,
+        n_confounds: int = 0,
     ) -> IncrementalGLM:
         """An estimator with the settings of a ``glm:`` config section.
 
@@ -243,6 +250,9 @@ class IncrementalGLM:
             The run's first volume's slice acquisition times, s from the volume's start
             (``Volume.slice_times_s``), for ``config.slice_time_ref_s = "auto"``; without them
             ``"auto"`` is 0. Not with ``slice_time_ref_s``.
+        n_confounds : int, default=0
+            Extra nuisance columns given with each volume (GLMdenoise's noise regressors: the
+            bundle's ``glmdenoise.n_components``).
 
         Returns
         -------
@@ -278,6 +288,7 @@ class IncrementalGLM:
             drift_model=config.drift_model, drift_order=config.drift_order,
             high_pass_hz=config.high_pass_hz, motion_confounds=config.motion_confounds,
             beta_wait_s=config.beta_wait_s, publish_refinements=config.publish_refinements,
+            n_confounds=n_confounds,
         )
 
     # ------------------------------------------------------------------ set-up
@@ -321,7 +332,7 @@ class IncrementalGLM:
             hits = np.flatnonzero(row)
             self.row_ranges_.append((int(hits[0]), int(hits[-1]) + 1) if hits.size else (0, 0))
         n_motion = N_MOTION_PARAMS if self.motion_confounds else 0
-        self.n_nuisance_ = n_motion + self.drift_.shape[1]
+        self.n_nuisance_ = n_motion + int(self.n_confounds) + self.drift_.shape[1]
         logger.info(
             "GLM started: %s, %d trials, %d volumes, %d voxels in %d HRF group(s), %d nuisance columns",
             self.method, len(self.trial_ids_), self.n_volumes, self.n_voxels_, len(kernels),
@@ -351,7 +362,11 @@ class IncrementalGLM:
     # ------------------------------------------------------------------ streaming
 
     def update(
-        self, tr_index: int, values: np.ndarray, motion_params: np.ndarray | None = None
+        self,
+        tr_index: int,
+        values: np.ndarray,
+        motion_params: np.ndarray | None = None,
+        confounds: np.ndarray | None = None,
     ) -> list[TrialBeta]:
         """Add one volume and return the betas it releases or refines.
 
@@ -364,6 +379,8 @@ class IncrementalGLM:
         motion_params : ndarray of shape (6,), optional
             The volume's motion parameters; required when ``motion_confounds`` is on, ignored
             otherwise.
+        confounds : ndarray of shape (n_confounds,), optional
+            The volume's values of the extra nuisance columns; required when ``n_confounds`` > 0.
 
         Returns
         -------
@@ -373,7 +390,7 @@ class IncrementalGLM:
         """
         tr_index = self._check_index("update", tr_index)
         y = self._check_values(values)
-        nuisance_row = self._nuisance_row(tr_index, motion_params)
+        nuisance_row = self._nuisance_row(tr_index, motion_params, confounds)
 
         lo, hi = self.row_ranges_[tr_index]
         if hi > lo:
@@ -604,10 +621,13 @@ class IncrementalGLM:
             return None
         return factor
 
-    def _nuisance_row(self, tr_index: int, motion_params: np.ndarray | None) -> np.ndarray:
+    def _nuisance_row(
+        self, tr_index: int, motion_params: np.ndarray | None, confounds: np.ndarray | None = None
+    ) -> np.ndarray:
         drift = self.drift_[tr_index]
+        extra = self._confound_values(tr_index, confounds)
         if not self.motion_confounds:
-            return drift
+            return np.concatenate([extra, drift])
         if motion_params is None:
             raise VolumeError(
                 f"update: motion_params of volume {tr_index}: expected shape (6,) because "
@@ -619,7 +639,28 @@ class IncrementalGLM:
                 f"update: motion_params of volume {tr_index}: expected 6 finite values "
                 f"(got shape {np.shape(motion_params)})"
             )
-        return np.concatenate([motion, drift])
+        return np.concatenate([motion, extra, drift])
+
+    def _confound_values(self, tr_index: int, confounds: np.ndarray | None) -> np.ndarray:
+        n = int(self.n_confounds)
+        if n == 0:
+            if confounds is not None and np.size(confounds):
+                raise VolumeError(
+                    f"update: confounds of volume {tr_index}: the GLM has no extra confound columns "
+                    f"(n_confounds 0) but {np.size(confounds)} values were given"
+                )
+            return np.empty(0)
+        if confounds is None:
+            raise VolumeError(
+                f"update: confounds of volume {tr_index}: expected {n} values because n_confounds is {n} (got None)"
+            )
+        values = np.asarray(confounds, dtype=np.float64).reshape(-1)
+        if values.shape != (n,) or not np.all(np.isfinite(values)):
+            raise VolumeError(
+                f"update: confounds of volume {tr_index}: expected {n} finite values (got shape "
+                f"{np.shape(confounds)})"
+            )
+        return values
 
     def _check_values(self, values: np.ndarray) -> np.ndarray:
         values = np.asarray(values)
@@ -680,6 +721,9 @@ class IncrementalGLM:
             )
         if self.beta_wait_s < 0:
             raise ConfigError(f"glm.beta_wait_s: expected >= 0 s (got {self.beta_wait_s!r})")
+        if isinstance(self.n_confounds, bool) or not isinstance(self.n_confounds, (int, np.integer)) \
+                or self.n_confounds < 0:
+            raise ConfigError(f"n_confounds: expected a whole number >= 0 (got {self.n_confounds!r})")
         if int(n_voxels) < 1:
             raise ConfigError(f"start: n_voxels: expected at least 1 voxel (got {n_voxels!r})")
         if len(self.trials) == 0:

@@ -476,6 +476,9 @@ class MotionCorrector:
             raise VolumeError(f"motion parameters: expected 6 finite values (got shape {params.shape})")
         self.params_ = params.copy()
         self._previous_params = params.copy()
+        # Whether that fit converged is not known; it is the best start there is.
+        self._converged_params = params.copy()
+        self._last_fit_converged = True
 
     def estimate(self, volume_data: np.ndarray) -> MotionEstimate:
         """Estimate the rigid motion of one volume relative to the reference.

@@ -43,12 +43,13 @@ from typing import Any
 
 import zmq
 import zmq.auth
+from rtdecoder_client.errors import ProtocolError as WireProtocolError
+from rtdecoder_client.messages import TOPICS, Message, encode, pack_map, status_text, unpack_map
 from zmq.auth.thread import ThreadAuthenticator
 
 from rtdecoder.config import PublishConfig
 from rtdecoder.errors import ConfigError, OrderError, ProtocolError, PublisherError
 from rtdecoder.publish.control import MAX_REQUEST_BYTES, SESSION_REQUESTS, ControlRequest, shown
-from rtdecoder.publish.messages import TOPICS, Message, encode, pack_map, status_text, unpack_map
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +337,7 @@ class ResultPublisher:
             if not isinstance(request, dict) or "cmd" not in request:
                 raise ProtocolError("request: expected a map with a 'cmd' field")
             return {"ok": True, **self._handle(request)}
-        except ProtocolError as err:
+        except WireProtocolError as err:
             return {"ok": False, "error": str(err)}
 
     def _handle(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -420,7 +421,7 @@ class ResultPublisher:
     def _decode_request(self, body: bytes) -> Any:
         try:
             return unpack_map(body, self.config.encoding)
-        except ProtocolError:
+        except WireProtocolError:
             raise
         except Exception as err:  # whatever a crafted body makes the decoder raise, it is a bad request
             raise ProtocolError(f"body: not valid {self.config.encoding}: {type(err).__name__}") from None

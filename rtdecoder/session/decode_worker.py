@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from rtdecoder_client.messages import Message
+from rtdecoder_client.payloads import DecodeData, Retrieval
 
 from rtdecoder.config import SessionConfig
 from rtdecoder.decode.protocol import BetaDecoder
-from rtdecoder.publish.messages import Message
 
 logger = logging.getLogger(__name__)
 
@@ -125,31 +126,22 @@ class DecodeWorker:
         config = self.config
         started = time.perf_counter()
         decoded = self.decoder.retrieve(job.beta, config.retrieval_top_k, shown_id=job.stim_id)
-        retrieval: dict[str, Any] = {"ids": decoded.ids, "scores": [float(s) for s in decoded.scores]}
-        if decoded.n_candidates is not None:
-            retrieval["n_candidates"] = decoded.n_candidates
-        if decoded.shown_rank is not None:
-            retrieval["shown_rank"] = decoded.shown_rank
-        data: dict[str, Any] = {
-            "run": job.run,
-            "trial_id": job.trial_id,
-            "stim_id": job.stim_id,
-            "beta_seq": job.beta_seq,
-            "retrieval": retrieval,
-            "retrieval_ms": decoded.retrieval_ms,
-        }
+        retrieval = Retrieval(list(decoded.ids), [float(s) for s in decoded.scores], decoded.n_candidates,
+                              decoded.shown_rank)
+        payload = DecodeData(job.run, job.trial_id, job.stim_id, job.beta_seq, retrieval, decoded.retrieval_ms,
+                             reconstruction="disabled")
         if not config.reconstruct:
-            data["reconstruction"] = "disabled"
+            pass  # "disabled", as built
         elif backlog > config.max_decode_backlog:
-            data["reconstruction"] = "skipped_backlog"
-            data["backlog"] = backlog
+            payload.reconstruction, payload.backlog = "skipped_backlog", backlog
             logger.warning("decode backlog %d: reconstruction of %s skipped, retrieval kept", backlog, job.trial_id)
         else:
             reconstruct_started = time.perf_counter()
-            data["image_png"] = self.decoder.reconstruct(decoded, seed=trial_seed(job.trial_id))
-            data["reconstruction"] = "done"
-            data["reconstruction_ms"] = 1000 * (time.perf_counter() - reconstruct_started)
-        data["decode_ms"] = 1000 * (time.perf_counter() - started)
+            payload.image_png = self.decoder.reconstruct(decoded, seed=trial_seed(job.trial_id))
+            payload.reconstruction = "done"
+            payload.reconstruction_ms = 1000 * (time.perf_counter() - reconstruct_started)
+        payload.decode_ms = 1000 * (time.perf_counter() - started)
+        data = payload.to_map()
         message = self.publish("decode", data, dict(job.t))
         if self.on_decoded is not None:
             self.on_decoded(job, data, message)

@@ -201,8 +201,9 @@ def scan_and_decode(session: Any, plan: Any, simulated: Any, speed: float) -> tu
     listens), then the scanner writes ``simulated`` as Siemens MOSAIC into ``plan.watch_dir`` at
     ``speed`` times real time. Returns the run's summary and every message the subscriber got.
     """
+    from rtdecoder_client.client import ResultSubscriber
+
     from rtdecoder.phantom.scanner import volumes_from_array, write_run
-    from rtdecoder.publish.client import ResultSubscriber
 
     outcome: dict[str, Any] = {}
 

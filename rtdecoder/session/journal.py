@@ -39,8 +39,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from rtdecoder.errors import JournalError, OrderError, ProtocolError
-from rtdecoder.publish.messages import pack_map, unpack_map
+from rtdecoder_client.errors import ProtocolError as WireProtocolError
+from rtdecoder_client.messages import pack_map, unpack_map
+
+from rtdecoder.errors import JournalError, OrderError
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +255,7 @@ def _records(view: mmap.mmap, path: Path) -> Iterator[tuple[dict[str, Any], int]
         body_start, end = found
         try:
             record = unpack_map(view[body_start : end - _CRC.size])
-        except ProtocolError as err:  # the checksum matched: written so, not damaged afterwards
+        except WireProtocolError as err:  # the checksum matched: written so, not damaged afterwards
             raise JournalError(f"{path}: record {index} at byte {offset} is not a record map: {err}") from None
         if not isinstance(record, dict):
             raise JournalError(f"{path}: record {index} at byte {offset} is not a record map")
@@ -309,7 +311,7 @@ def _records_v1(view: mmap.mmap, path: Path) -> Iterator[tuple[dict[str, Any], i
     while (end := _v1_record_at(view, offset)) is not None:
         try:
             record = unpack_map(view[offset + _LENGTH.size : end - _CRC.size])
-        except ProtocolError as err:
+        except WireProtocolError as err:
             raise JournalError(f"{path}: format 1 record at byte {offset} is not a record map: {err}") from None
         yield record, end
         offset = end

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rtdecoder_client.messages import message_from_map
 
-from rtdecoder.publish.messages import message_from_map
 from rtdecoder.session.journal import read_records
 
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rtdecoder.publish.messages import Message, message_from_map
+from rtdecoder_client.messages import Message, message_from_map
+
 from rtdecoder.session.journal import iter_records
 
 

@@ -63,6 +63,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rtdecoder_client.messages import Message, status_text
+from rtdecoder_client.payloads import BetaData, VolumeData
 
 from rtdecoder.bundle import SubjectBundle
 from rtdecoder.config import RTDecoderConfig
@@ -77,7 +79,6 @@ from rtdecoder.preprocess.mask import OnlineNormaliser, VoxelMask
 from rtdecoder.preprocess.motion import MotionCorrector
 from rtdecoder.preprocess.qa import RunningTSNR
 from rtdecoder.publish.control import ControlRequest, OnsetRequest, RunEndRequest, RunStartRequest
-from rtdecoder.publish.messages import Message, status_text
 from rtdecoder.publish.publisher import ResultPublisher
 from rtdecoder.session.decode_worker import DecodeJob, DecodeWorker
 from rtdecoder.session.frontend import FrontEnd, ProcessedVolume
@@ -512,6 +513,7 @@ class _SessionDriver:
                     run.poll()
                     if run.end_reason:
                         self._end_run()
+                        continue  # the session may be done: no heartbeat after its last run_end
                 if time.time() - session._last_publish_s > session.config.session.heartbeat_s:
                     self._heartbeat()
         finally:
@@ -906,20 +908,12 @@ class _Run:
             return
         self.published_betas.add(key)
         stim_id = getattr(self.trials[beta.trial_index], "stim_id", None)
-        data = {
-            "run": self.plan.run,
-            "trial_id": beta.trial_id,
-            "trial_index": beta.trial_index,
-            "stim_id": stim_id,
-            "onset_s": beta.onset_s,
-            "tr_index": beta.tr_index,
-            "n_volumes_used": beta.n_volumes_used,
-            "is_update": beta.is_update,
-            "is_final": beta.is_final,
-        }
-        if self.config.session.publish_beta_maps:
-            data["beta"] = beta.beta.astype(np.float32)
-        message = self.session.publish("beta", data, times)
+        data = BetaData(
+            self.plan.run, beta.trial_id, beta.trial_index, stim_id, beta.onset_s, beta.tr_index,
+            beta.n_volumes_used, beta.is_update, beta.is_final,
+            beta=beta.beta.astype(np.float32) if self.config.session.publish_beta_maps else None,
+        )
+        message = self.session.publish("beta", data.to_map(), times)
         self.summary.n_betas += 1
         if kind == "first":  # refinements and the run's final betas would be a burst of lines: debug only
             logger.info("%s beta %s (%s) at vol %d from %d volumes", self.plan.run, beta.trial_id, kind,
@@ -1068,25 +1062,15 @@ def _history_entry(processed: ProcessedVolume) -> tuple[int, np.ndarray | None, 
 
 def _volume_data(run: str, processed: ProcessedVolume, tsnr: float | None) -> dict[str, Any]:
     motion = processed.motion
-    return {
-        "run": run,
-        "tr_index": processed.tr_index,
-        "missing": processed.missing,
-        "fd_mm": None if motion is None else float(motion.fd_mm),
-        "motion": None if motion is None else [float(p) for p in motion.params],
-        "tsnr": tsnr,
-        "n_betas": len(processed.betas),
-    }
+    return VolumeData(
+        run, processed.tr_index, processed.missing, fd_mm=None if motion is None else float(motion.fd_mm),
+        motion=None if motion is None else [float(p) for p in motion.params], tsnr=tsnr, n_betas=len(processed.betas),
+    ).to_map()
 
 
 def _replayed_volume_data(run: str, record: dict[str, Any]) -> dict[str, Any]:
     missing = record["kind"] == "missing"
-    return {
-        "run": run,
-        "tr_index": record["tr_index"],
-        "missing": missing,
-        "fd_mm": None if missing else float(record["fd_mm"]),
-        "motion": None if missing else [float(p) for p in record["motion"]],
-        "tsnr": None,
-        "n_betas": None,
-    }
+    return VolumeData(
+        run, record["tr_index"], missing, fd_mm=None if missing else float(record["fd_mm"]),
+        motion=None if missing else [float(p) for p in record["motion"]],
+    ).to_map()

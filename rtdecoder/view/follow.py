@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from rtdecoder_client.client import ControlClient, ResultSubscriber
+from rtdecoder_client.errors import ProtocolError as WireProtocolError
+from rtdecoder_client.messages import Encoding, Message
 
-from rtdecoder.errors import ProtocolError
-from rtdecoder.publish.client import ControlClient, ResultSubscriber
-from rtdecoder.publish.messages import Encoding, Message
 from rtdecoder.view.state import ViewState
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class StreamFollower:
         while not self._stop.is_set():
             try:
                 message = self._subscriber.receive(timeout_s=_RECEIVE_S)
-            except ProtocolError as err:  # a message we cannot read: the next seq shows the gap, filled below
+            except WireProtocolError as err:  # a message we cannot read: the next seq shows the gap, filled below
                 logger.warning("view: a message from %s could not be read: %s", self.result_endpoint, err)
                 continue
             except zmq.ZMQError:
@@ -151,7 +151,7 @@ class StreamFollower:
                     if message.session == session and message.seq >= start:
                         self._take(message)
                         self.filled_ += 1
-        except ProtocolError as err:
+        except WireProtocolError as err:
             self._gap(from_seq, until_seq, str(err))
             return
         if start > from_seq:

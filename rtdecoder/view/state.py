@@ -1,6 +1,6 @@
 """What the view remembers of a session: a bounded digest of its message stream.
 
-:class:`ViewState` turns each published :class:`~rtdecoder.publish.messages.Message` into the
+:class:`ViewState` turns each published :class:`~rtdecoder_client.messages.Message` into the
 small JSON-ready events the page draws, and keeps what a page opened (or reloaded) later needs
 to show the session so far. Every list is bounded by the ``view`` config section, whatever the
 session's length: ``history_runs`` runs, each with its latest ``run_volumes`` volumes,
@@ -32,9 +32,9 @@ from collections import OrderedDict, deque
 from typing import Any
 
 import numpy as np
+from rtdecoder_client.messages import Message
 
 from rtdecoder.config import SessionConfig, ViewConfig
-from rtdecoder.publish.messages import Message
 
 #: Status states kept in a run's event list; the others (heartbeats) only update what is shown now.
 NOTABLE_STATES = frozenset({"run_start", "resumed", "file_problem", "decode_error", "error", "run_end", "stopped"})

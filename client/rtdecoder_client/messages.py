@@ -22,7 +22,7 @@ from typing import Any, Literal
 import msgpack
 import numpy as np
 
-from rtdecoder.errors import ProtocolError
+from rtdecoder_client.errors import ProtocolError
 
 SCHEMA_VERSION = 1
 TOPICS = ("volume", "beta", "decode", "status")
@@ -53,6 +53,13 @@ class Message:
     seq: int
     t: dict[str, float | None] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def payload(self) -> Any:
+        """``data`` as its topic's typed record (:mod:`rtdecoder_client.payloads`)."""
+        from rtdecoder_client.payloads import payload_of
+
+        return payload_of(self.topic, self.data)
 
     def to_dict(self) -> dict[str, Any]:
         """The message as a plain map, before array/bytes encoding."""

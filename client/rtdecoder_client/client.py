@@ -1,7 +1,8 @@
 """Client side of the protocol, for stimulus software and tests: subscribe and ask for history.
 
-Only pyzmq, msgpack and numpy are needed, so a stimulus script can use it (or copy the few lines
-it needs; docs/protocol.md describes the wire format completely).
+Only pyzmq, msgpack and numpy are needed: ``pip install ./client`` installs this package alone on a
+stimulus machine (no torch). :class:`SessionFollower` is what most stimulus programs want: every
+message of the session, in order and gap-free, from wherever they join.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Any
 import zmq
 import zmq.auth
 
-from rtdecoder.errors import ProtocolError
-from rtdecoder.publish.messages import Encoding, Message, decode, message_from_map, pack_map, unpack_map
+from rtdecoder_client.errors import ProtocolError
+from rtdecoder_client.messages import Encoding, Message, decode, message_from_map, pack_map, unpack_map
 
 
 def _apply_client_curve(socket: zmq.Socket, client_secret_file: Path, server_public_file: Path) -> None:
@@ -186,3 +187,96 @@ class ControlClient:
             _apply_client_curve(socket, Path(secret), Path(server))
         socket.connect(self.address)
         return socket
+
+
+class SessionFollower:
+    """Every message of a session, in sequence order with no gap and no repeat, as a context manager.
+
+    It subscribes to the result stream at once, and asks the control socket to ``resend`` what it
+    missed: the messages before it joined (from ``from_seq``; 0, the default, is the whole
+    session) and any gap a slow link or a full queue left. Each message's schema is checked
+    (:func:`~rtdecoder_client.messages.decode`); ``message.payload`` is its typed record.
+
+    Parameters
+    ----------
+    result_address, control_address : str
+        The session's ``publish.result_address`` and ``publish.control_address``.
+    from_seq : int, default=0
+        The first sequence number wanted; ``None`` starts with the first live message.
+    encoding : {"msgpack", "json"}
+    timeout_s : float, default=5.0
+        How long a control request may take.
+    client_secret_file, server_public_file : Path, optional
+        CURVE keys, when the session requires them.
+
+    Examples
+    --------
+    ::
+
+        with SessionFollower("tcp://127.0.0.1:5555", "tcp://127.0.0.1:5556") as follower:
+            for message in follower:
+                if message.topic == "decode":
+                    show(message.payload.retrieval.ids[0])
+    """
+
+    def __init__(
+        self,
+        result_address: str,
+        control_address: str,
+        from_seq: int | None = 0,
+        encoding: Encoding = "msgpack",
+        timeout_s: float = 5.0,
+        client_secret_file: Path | None = None,
+        server_public_file: Path | None = None,
+    ) -> None:
+        self.next_seq = from_seq
+        self.session: str | None = None
+        keys = {"client_secret_file": client_secret_file, "server_public_file": server_public_file}
+        self.subscriber = ResultSubscriber(result_address, encoding=encoding, **keys)
+        self.control = ControlClient(control_address, encoding=encoding, timeout_s=timeout_s, **keys)
+        self._held: dict[int, Message] = {}
+
+    def receive(self, timeout_s: float | None = None) -> Message | None:
+        """The next message in sequence, or ``None`` if none is due within ``timeout_s``."""
+        while True:
+            if self.next_seq in self._held:
+                return self._take(self._held.pop(self.next_seq))
+            live = self.subscriber.receive(timeout_s)
+            if live is None:
+                return None
+            if self.session is not None and live.session != self.session:
+                raise ProtocolError(f"session: expected {self.session} (got {live.session}): another session")
+            self.session = live.session
+            if self.next_seq is None:
+                self.next_seq = live.seq
+            if live.seq < self.next_seq:
+                continue  # already had it from a resend
+            self._held[live.seq] = live
+            if live.seq > self.next_seq:  # a gap, or what came before this client joined
+                for page in self.control.resend_pages(self.next_seq, until_seq=live.seq):
+                    for message in page:
+                        self._held.setdefault(message.seq, message)
+                if self.next_seq not in self._held:
+                    raise ProtocolError(f"resend: the session did not send seq {self.next_seq}")
+
+    def __iter__(self) -> Iterator[Message]:
+        """Messages as they come, forever (break out of the loop to stop)."""
+        while True:
+            message = self.receive(timeout_s=1.0)
+            if message is not None:
+                yield message
+
+    def close(self) -> None:
+        """Close both sockets."""
+        self.subscriber.close()
+        self.control.close()
+
+    def __enter__(self) -> SessionFollower:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _take(self, message: Message) -> Message:
+        self.next_seq = message.seq + 1
+        return message
