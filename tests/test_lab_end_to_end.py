@@ -342,8 +342,13 @@ def test_a_lab_from_its_own_files_to_live_decodes(tmp_path, oblique_affine) -> N
                    "--out", bundle, "--no-progress")
     assert f"bundle: {bundle}" in out
     assert f"training trials: {2 * CALIBRATION_TRIALS - 2 * TEST_IMAGES}" in out
-    bundle_config = json.loads((bundle / "config.json").read_text())
-    assert bundle_config["metadata"]["calibration_mask"]["reoriented"] == "(i, -j, k)"
+    from rtdecoder.bundle import SubjectBundle
+
+    calibrated = SubjectBundle.load(bundle)
+    np.testing.assert_array_equal(calibrated.mask, mask)  # the NIfTI-order file read as the same voxels
+    metadata = json.loads((bundle / "metadata.json").read_text())
+    assert metadata["calibration_mask"]["reoriented"] == "(i, -j, k)" and metadata["calibration_tr_s"] == TR_S
+    assert metadata["calibration_runs"] == [f"sub-09_ses-01_task-lab_run-{run:02d}" for run in (1, 2)]
 
     # --- step 4: run, with the volumes exported one by one and a subscriber on the stream ------
     live_rows = np.concatenate([rng.choice(train_rows, LIVE_TRIALS - TEST_IMAGES, replace=False), test_rows])

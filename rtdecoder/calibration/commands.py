@@ -261,7 +261,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         bank, known = world.bank, set(world.bank.ids)
         tokens = phantom_image_tokens(config, progress=progress, world=world)
 
-        def seen_image(stim_id: str) -> Any:
+        def seen_image(stim_id: str) -> object:  # uint8 (H, W, 3) or None
             return bank.image(bank.index_of(stim_id)) if stim_id in known else None
     else:
         raise BundleError(

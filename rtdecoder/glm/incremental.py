@@ -721,9 +721,9 @@ class IncrementalGLM:
             )
         if self.beta_wait_s < 0:
             raise ConfigError(f"glm.beta_wait_s: expected >= 0 s (got {self.beta_wait_s!r})")
-        if isinstance(self.n_confounds, bool) or not isinstance(self.n_confounds, (int, np.integer)) \
-                or self.n_confounds < 0:
-            raise ConfigError(f"n_confounds: expected a whole number >= 0 (got {self.n_confounds!r})")
+        n_confounds = self.n_confounds
+        if isinstance(n_confounds, bool) or not isinstance(n_confounds, (int, np.integer)) or n_confounds < 0:
+            raise ConfigError(f"n_confounds: expected a whole number >= 0 (got {n_confounds!r})")
         if int(n_voxels) < 1:
             raise ConfigError(f"start: n_voxels: expected at least 1 voxel (got {n_voxels!r})")
         if len(self.trials) == 0:

@@ -13,10 +13,15 @@ The forward model for one run, in percent signal change (PSC) of each brain voxe
   the noise of least-squares single-trial estimates
   (:attr:`PhantomSubject.estimation_noise_std_psc`), so ``snr`` sets how hard single trials are
   to read, as in NSD.
-* **HRF.** Each voxel has one of :data:`N_HRF_SHAPES` double-gamma shapes (peak 4-7 s, varied
-  width and undershoot), assigned by a smooth field so neighbours share shapes. A trial's
-  response is the HRF convolved with the ``image_s`` boxcar, scaled to a peak of 1, so a beta is
-  the response's peak height in PSC. Responses are sampled at each slice's acquisition time.
+* **HRF.** Each subject has :data:`N_HRF_SHAPES` shapes of its own (:func:`subject_hrf_shapes`),
+  drawn from the inverse-logit family (:func:`inverse_logit_hrf`, Lindquist & Wager 2007), not
+  from the double gammas of the GLM's library (:mod:`rtdecoder.glm.hrf`), so that choosing HRFs
+  from that library is tested on shapes it does not contain. Time to peak, width and undershoot
+  vary between subjects and within a subject by about as much as measured HRFs do (time to peak
+  about 5.5 +- 0.8 s). Each voxel takes one shape, by a smooth field so that neighbours peak at
+  similar times. A trial's response is the HRF convolved with the ``image_s`` boxcar, scaled to
+  a peak of 1, so a beta is the response's peak height in PSC. Responses are sampled at each
+  slice's acquisition time.
 * **Noise** (every brain voxel): AR(1) noise, cardiac (~1.1 Hz) and respiratory (~0.3 Hz) signals
   sampled at the slice times (so aliased at the TR) and strongest near CSF, and a polynomial
   drift of degree 3. Total noise std is :data:`NOISE_PSC` percent; ``phantom.physio_fraction``
@@ -32,10 +37,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage, signal, stats
+from scipy import ndimage, signal, special, stats
 
 from rtdecoder.config import RTDecoderConfig
 from rtdecoder.errors import ConfigError
@@ -52,9 +58,11 @@ logger = logging.getLogger(__name__)
 
 #: Order and units of the six motion parameters of :attr:`SimulatedRun.motion`.
 MOTION_PARAMETERS = ("trans_x_mm", "trans_y_mm", "trans_z_mm", "rot_x_rad", "rot_y_rad", "rot_z_rad")
-#: Columns of :attr:`SimulatedRun.hrfs` (see :func:`double_gamma_hrf`).
-HRF_PARAMETERS = ("peak_s", "peak_width_s", "undershoot_s", "undershoot_ratio")
-#: Number of HRF shapes in a world's library.
+#: Columns of :attr:`SimulatedRun.hrfs` and :attr:`PhantomSubject.hrf_library` (see :func:`inverse_logit_hrf`).
+HRF_PARAMETERS = ("peak_s", "width_s", "undershoot_lag_s", "undershoot_ratio")
+#: The parametric family of the subjects' HRFs (:func:`inverse_logit_hrf`).
+HRF_FAMILY = "inverse_logit"
+#: Number of HRF shapes of a subject.
 N_HRF_SHAPES = 20
 #: Std of all noise in a brain voxel, percent of its baseline.
 NOISE_PSC = 1.5
@@ -67,6 +75,8 @@ STIMULUS_SHARE = 0.8
 #: Distance (mm) that turns rotations into mm when sizing motion (a head radius, as for FD).
 HEAD_RADIUS_MM = 50.0
 _SMOOTH_FIELD_MM = 6.0
+# Dispersion of the inverse-logit HRF's recovery from its undershoot, s (slow, as measured).
+_RECOVERY_DISPERSION_S = 1.6
 
 
 @dataclass
@@ -93,9 +103,9 @@ class SimulatedRun:
     latents : ndarray of shape (n_trials, latent_dim), float32
         The shared latent of each trial's image.
     hrfs : ndarray of shape (n_voxels, 4)
-        Each visual voxel's HRF, columns :data:`HRF_PARAMETERS`.
+        Each visual voxel's HRF, columns :data:`HRF_PARAMETERS` (:func:`inverse_logit_hrf`).
     hrf_index : ndarray of shape (n_voxels,), int
-        Each visual voxel's row in the HRF library.
+        Each visual voxel's row in the subject's HRF shapes (:attr:`PhantomSubject.hrf_library`).
     """
 
     volumes: np.ndarray
@@ -204,7 +214,11 @@ def double_gamma_hrf(t_s: np.ndarray, peak_s: float, peak_width_s: float, unders
 
 
 def hrf_library(seed: int) -> np.ndarray:
-    """The world's HRF shapes, sorted by peak time.
+    """The phantom's earlier HRF shapes (:func:`double_gamma_hrf` parameters), sorted by peak time.
+
+    Double gammas, the family of the GLM's own library, so a world built from them could not show
+    an HRF choice that fails on shapes outside the library. Subjects now draw their shapes with
+    :func:`subject_hrf_shapes`; these stay for comparison.
 
     Returns
     -------
@@ -222,9 +236,111 @@ def hrf_library(seed: int) -> np.ndarray:
     return np.column_stack([peak_s, width_s, undershoot_s, ratio])
 
 
+def inverse_logit_hrf(t_s: np.ndarray, peak_s: float, width_s: float, undershoot_lag_s: float,
+                      undershoot_ratio: float) -> np.ndarray:
+    """An inverse-logit haemodynamic response (Lindquist & Wager 2007), peak at ``peak_s``.
+
+    Three logistic steps, ``L(x) = 1 / (1 + exp(-x))``: a rise to 1, a fall to ``-r`` and a
+    recovery to 0, ``h(t) = L((t - T1) / d1) - (1 + r) L((t - T2) / d2) + r L((t - T3) / d3)``
+    with ``T2 = T1 + width_s``, ``T3 = T2 + undershoot_lag_s``, ``r = undershoot_ratio``, rise and
+    fall dispersions growing with the width (``d1 = width_s / 8``, ``d2 = width_s / 5``: the fall
+    is slower than the rise) and ``d3 = 1.6 s``. ``T1`` is set so that the maximum falls at
+    ``peak_s`` (to 1 ms). Unlike a gamma, the response rises and falls as logistic curves, with a
+    flatter top, so it is no member of the GLM library's double-gamma family.
+
+    Parameters
+    ----------
+    t_s : ndarray
+        Times after the impulse, s; the response is 0 before 0.
+    peak_s : float
+        Time of the maximum, s.
+    width_s : float
+        Time from the rise to the fall (the first two steps), s; the full width at half maximum
+        is within about 10% of it.
+    undershoot_lag_s : float
+        Time from the fall to the recovery from the undershoot, s.
+    undershoot_ratio : float
+        Level of the undershoot relative to the rise's 1; the trough is 0.3 to 1 times as deep,
+        relative to the peak, the shorter the lag the shallower.
+
+    Returns
+    -------
+    ndarray, same shape as ``t_s``
+        Peak value just under 1 (the fall starts before the rise has ended).
+
+    Examples
+    --------
+    >>> t_s = np.arange(0.0, 30.0, 0.01)
+    >>> h = inverse_logit_hrf(t_s, 5.5, 4.5, 6.0, 0.3)
+    >>> round(float(t_s[h.argmax()]), 2), bool(h.min() < -0.1), bool(abs(h[0]) < 1e-2)
+    (5.5, True, True)
+    """
+    rise_s, fall_s = width_s / 8.0, width_s / 5.0
+
+    def centred(t: np.ndarray) -> np.ndarray:  # the rise centred on 0
+        return (special.expit(t / rise_s) - (1.0 + undershoot_ratio) * special.expit((t - width_s) / fall_s)
+                + undershoot_ratio * special.expit((t - width_s - undershoot_lag_s) / _RECOVERY_DISPERSION_S))
+
+    # The maximum lies between the rise and the fall; find it on a 1 ms grid.
+    grid_s = np.arange(0.0, width_s, 1e-3)
+    rise_at_s = peak_s - grid_s[np.argmax(centred(grid_s))]
+    t = np.asarray(t_s, dtype=float)
+    return np.where(t >= 0.0, centred(t - rise_at_s), 0.0)
+
+
+def subject_hrf_shapes(seed: int, subject: int) -> np.ndarray:
+    """A subject's HRF shapes (:func:`inverse_logit_hrf` parameters), sorted by time to peak.
+
+    Drawn so that they vary as measured HRFs do, more between subjects than within one
+    (Aguirre et al. 1998; Handwerker et al. 2004): the subject's mean time to peak is
+    ``N(5.5, 0.4)`` s and its shapes spread ``N(0, 0.7)`` s about it (clipped to 4-8 s); the width
+    grows with latency, ``4.5 + 0.4 (peak - 5.5) + N(0, 0.5)`` s (3-6.5 s, full width at half
+    maximum about the same); the undershoot recovers 4-8 s after the fall with level 0.1-0.5
+    (uniform).
+
+    Parameters
+    ----------
+    seed : int
+        ``phantom.seed``.
+    subject : int
+        0-based subject index.
+
+    Returns
+    -------
+    ndarray of shape (N_HRF_SHAPES, 4)
+        Columns :data:`HRF_PARAMETERS`.
+
+    Examples
+    --------
+    >>> shapes = subject_hrf_shapes(0, 0)
+    >>> shapes.shape, bool(np.all(np.diff(shapes[:, 0]) >= 0))
+    ((20, 4), True)
+    """
+    # Its own stream, so that drawing the HRFs leaves every other field of the subject unchanged.
+    rng = np.random.default_rng([seed, 5, subject])
+    subject_peak_s = 5.5 + 0.4 * rng.normal()
+    peak_s = np.sort(np.clip(subject_peak_s + 0.7 * rng.normal(size=N_HRF_SHAPES), 4.0, 8.0))
+    width_s = np.clip(4.5 + 0.4 * (peak_s - 5.5) + 0.5 * rng.normal(size=N_HRF_SHAPES), 3.0, 6.5)
+    lag_s = rng.uniform(4.0, 8.0, N_HRF_SHAPES)
+    ratio = rng.uniform(0.1, 0.5, N_HRF_SHAPES)
+    return np.column_stack([peak_s, width_s, lag_s, ratio])
+
+
 def boxcar_responses(hrfs: np.ndarray, duration_s: float, dt_s: float = 0.02,
-                     length_s: float = 40.0) -> tuple[np.ndarray, np.ndarray]:
+                     length_s: float = 40.0,
+                     hrf: Callable[..., np.ndarray] = inverse_logit_hrf) -> tuple[np.ndarray, np.ndarray]:
     """Each HRF convolved with a ``duration_s`` boxcar, scaled to peak 1.
+
+    Parameters
+    ----------
+    hrfs : ndarray of shape (n_hrfs, n_parameters)
+        Parameters of ``hrf``, one row per shape.
+    duration_s : float
+        Boxcar length, s.
+    dt_s, length_s : float
+        Sampling step and length of the responses, s.
+    hrf : callable, default=inverse_logit_hrf
+        ``hrf(t_s, *row)``; :func:`double_gamma_hrf` for the rows of :func:`hrf_library`.
 
     Returns
     -------
@@ -236,7 +352,7 @@ def boxcar_responses(hrfs: np.ndarray, duration_s: float, dt_s: float = 0.02,
     box = np.ones(max(int(round(duration_s / dt_s)), 1))
     responses = np.empty((len(hrfs), t_s.size))
     for row, params in enumerate(hrfs):
-        conv = np.convolve(double_gamma_hrf(t_s, *params), box)[: t_s.size]
+        conv = np.convolve(hrf(t_s, *params), box)[: t_s.size]
         responses[row] = conv / conv.max()
     return t_s, responses
 
@@ -339,7 +455,7 @@ class PhantomSubject:
         smooth_vox = _SMOOTH_FIELD_MM / np.asarray(ph.voxel_size_mm)
         n_target = int(round(ph.n_voxels * (1.0 + ph.n_voxels_spread * np.clip(rng.normal(), -2, 2))))
         mask = _visual_mask(anatomy, max(n_target, 10), smooth_vox, rng)
-        fields = _voxel_fields(config, anatomy, mask, smooth_vox, rng)
+        fields = _voxel_fields(config, anatomy, mask, smooth_vox, rng, subject_hrf_shapes(ph.seed, index))
         schedule = build_schedule(config, index, stim_ids)
         logger.info("subject %d: %d visual voxels of %d brain voxels", index, int(mask.sum()),
                     int(anatomy.brain_mask.sum()))
@@ -367,12 +483,12 @@ class PhantomSubject:
 
     @property
     def hrf_library(self) -> np.ndarray:
-        """The world's HRF shapes, shape (N_HRF_SHAPES, 4), :data:`HRF_PARAMETERS`."""
+        """The subject's HRF shapes, shape (N_HRF_SHAPES, 4), :data:`HRF_PARAMETERS` (:func:`subject_hrf_shapes`)."""
         return self._fields["library"]
 
     @property
     def hrf_index(self) -> np.ndarray:
-        """Each visual voxel's row in :func:`hrf_library`, shape (n_voxels,)."""
+        """Each visual voxel's row in :attr:`hrf_library`, shape (n_voxels,)."""
         return self._fields["hrf_index"][self._fields["visual_rows"]]
 
     @property
@@ -627,13 +743,12 @@ def _visual_mask(anatomy: SubjectAnatomy, n_voxels: int, smooth_vox: np.ndarray,
 
 
 def _voxel_fields(config: RTDecoderConfig, anatomy: SubjectAnatomy, mask: np.ndarray,
-                  smooth_vox: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Per-voxel parameters: tuning of visual voxels, HRF rows and noise of all brain voxels."""
+                  smooth_vox: np.ndarray, rng: np.random.Generator, library: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-voxel parameters: tuning of visual voxels, HRF rows (into ``library``) and noise of all brain voxels."""
     ph = config.phantom
     shape = anatomy.grid_shape
     brain = anatomy.brain_mask
     visual_rows = np.flatnonzero(mask[brain])
-    library = hrf_library(ph.seed)
     hrf_field = _smooth_field(shape, smooth_vox, rng)[brain]
     hrf_index = np.minimum((stats.norm.cdf(hrf_field) * N_HRF_SHAPES).astype(int), N_HRF_SHAPES - 1)
 
