@@ -18,6 +18,17 @@ is the shared images (``experiment.n_test_images`` x ``test_repeats``) of every 
 averaged, never trained on. Pretraining subjects come from direct simulation (``phantom generate
 --level betas``), as MindEye2 pretrains on released betas.
 
+``--live`` adds the live figures of (a) (first seed) on the held-out subject's session 1, a
+session the bundle never saw, through the front end ``rtdecoder run`` builds from the bundle (its
+motion reference, statistics and HRFs; :func:`rtdecoder.calibration.evaluate.evaluate_session`):
+single-trial image and brain retrieval, top-1 and top-5, at the first beta ("fast", about 8 s
+after onset), at the latest beta at most 29.5 s after onset ("slow") and at the run's end, among
+each run's images and among the session's test images; with the same session's test repeats
+averaged (final betas) beside them, and those of the offline calibration path on the same session
+(its own motion reference), z-scored with the bundle's statistics, for comparison.
+``--live-only`` measures (a) and the live figures only (no (b), (c), (d); one seed; JSON in
+``bench/results/calibration-live.json``).
+
 ``--seeds N`` calibrates (a) and (b) N times, with ``training.seed`` = seed, seed+1, ... (the
 new adapter's initial weights, the shuffling, mixup and dropout draws), and reports the means
 with each seed's figures in the JSON: one calibration is a single draw, and its figures move by
@@ -31,6 +42,7 @@ resident memory of the process (``resource.getrusage``). Prints a table and writ
 Run from the repository root::
 
     python bench/bench_calibration.py --seeds 3         # the phantom preset as configured, 3 seeds
+    python bench/bench_calibration.py --live-only       # (a) and its live figures
     python bench/bench_calibration.py --runs 4 --pretrain-sessions 0 --epochs 10 --hidden-dim 128 \
         --no-prior --pretrain-batch-size 42
 """
@@ -84,7 +96,11 @@ def main() -> None:
     parser.add_argument("--pretrain-batch-size", type=int, help="training.batch_size for pretraining only")
     parser.add_argument("--seeds", type=int, default=1,
                         help="calibrate (a) and (b) with this many training seeds (seed, seed+1, ...); means reported")
-    parser.add_argument("--out", default="bench/results/calibration.json")
+    parser.add_argument("--live", action="store_true",
+                        help="also the live figures of (a) on the held-out subject's session 1 (fast/slow/end of run)")
+    parser.add_argument("--live-only", action="store_true", help="(a) and its live figures only: no (b), (c), (d)")
+    parser.add_argument("--out", help="JSON (default bench/results/calibration.json; with --live-only "
+                        "bench/results/calibration-live.json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
@@ -132,8 +148,10 @@ def main() -> None:
 
     test_z, test_tokens = test_set(sessions, tokens)
     results = {}
-    seeds = [config.training.seed + k for k in range(args.seeds)]
-    for name, pretrained in (("a_pretrained_1_session", model_dir), ("b_scratch_1_session", None)):
+    seeds = [config.training.seed + k for k in range(1 if args.live_only else args.seeds)]
+    settings = (("a_pretrained_1_session", model_dir),) if args.live_only else (
+        ("a_pretrained_1_session", model_dir), ("b_scratch_1_session", None))
+    for name, pretrained in settings:
         per_seed = []
         for seed in seeds:
             seeded = config.model_copy(update={"training": config.training.model_copy(update={"seed": seed})})
@@ -144,12 +162,19 @@ def main() -> None:
             seconds[f"calibration_training_{name[0]}_seed{seed}"] = time.perf_counter() - started
             per_seed.append(evaluate_bundle(bundle_dir, sid, test_z, test_tokens, report) | {"seed": seed})
         results[name] = _mean_over_seeds(per_seed)
-    started = time.perf_counter()
-    results["c_ridge_1_session"] = _ridge(session, tokens, test_z, test_tokens)
-    seconds["ridge"] = time.perf_counter() - started
-    started = time.perf_counter()
-    results["d_pretrained_all_sessions"] = _all_sessions(sessions, tokens, model_dir, config, work, test_z, test_tokens)
-    seconds["all_sessions_training"] = time.perf_counter() - started
+    if not args.live_only:
+        started = time.perf_counter()
+        results["c_ridge_1_session"] = _ridge(session, tokens, test_z, test_tokens)
+        seconds["ridge"] = time.perf_counter() - started
+        started = time.perf_counter()
+        results["d_pretrained_all_sessions"] = _all_sessions(sessions, tokens, model_dir, config, work, test_z,
+                                                             test_tokens)
+        seconds["all_sessions_training"] = time.perf_counter() - started
+    live = None
+    if (args.live or args.live_only) and n_sessions > 1:
+        started = time.perf_counter()
+        live = live_evaluation(config, work / "bundle-a", session_dirs[1], sessions[1], tokens)
+        seconds["live_session_1"] = time.perf_counter() - started
 
     payload = {
         "benchmark": "calibration",
@@ -162,15 +187,45 @@ def main() -> None:
         "pretrain": record,
         "n_test_images": int(len(test_z)),
         "results": results,
+        **({"live": live} if live is not None else {}),
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "processor": platform.processor()},
     }
-    out = Path(args.out)
+    out = Path(args.out or ("bench/results/calibration-live.json" if args.live_only else
+                            "bench/results/calibration.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")
     _print_table(payload)
+
+
+def live_evaluation(config, bundle_dir: Path, session_dir: Path, offline_session, tokens: ImageTokens) -> dict:
+    """Bundle (a) on a session it never saw, through its live front end; and the offline path for comparison.
+
+    ``offline_session`` is the same session's betas from the offline calibration path (its own
+    motion reference, ``signal_mean`` and HRFs): its test repeats, z-scored with the bundle's
+    statistics and averaged, are scored as the live path's are.
+    """
+    from rtdecoder.bundle import SubjectBundle
+    from rtdecoder.calibration.evaluate import evaluate_session, pooled_retrieval
+
+    bundle = SubjectBundle.load(bundle_dir)
+    result = evaluate_session(config, bundle, session_dir, tokens, progress=True)
+    finite = np.all(np.isfinite(offline_session.betas), axis=1)
+    keep = finite & offline_session.is_test
+    trials = [t for t, k in zip(offline_session.trials, keep, strict=True) if k]
+    z = (offline_session.betas[keep] - bundle.beta_mean) / bundle.beta_std
+    images, mean_z = average_repeats(z, [t.stim_id for t in trials])
+    model = bundle.load_model()
+    predicted = predict_clip_tokens(model, bundle.subject_id, mean_z)
+    targets = trial_tokens([next(t for t in trials if t.stim_id == str(i)) for i in images], tokens)
+    result["offline_own_reference"] = {
+        "what": "the same session's offline betas (estimate_session_betas: its own motion reference, signal_mean "
+        "and HRFs), z-scored with the bundle's statistics, test repeats averaged",
+        "test_set": pooled_retrieval(predicted, targets, len(images), 1),
+    }
+    return result
 
 
 def held_out_session_dirs(
@@ -297,6 +352,17 @@ def _print_table(payload: dict) -> None:
     pre = payload["pretrain"]
     print(f"pretraining: {pre['train_s_per_epoch']} s/epoch ({pre['epochs']} epochs, {sum(pre['n_trials'].values())} "
           f"trials of {len(pre['subjects'])} subjects)")
+    live = payload.get("live")
+    if live is not None:
+        from rtdecoder.calibration.evaluate import format_table
+
+        print(f"\n(a) on the held-out subject's session 1, through the bundle's live front end:\n{format_table(live)}")
+        offline = live["offline_own_reference"]["test_set"]
+        if "image_top1" in offline:
+            print(f"offline path on the same session (its own reference), repeats averaged, among the test set of "
+                  f"{offline['pool_size']}: image {100 * offline['image_top1']:.1f}% / top-5 "
+                  f"{100 * offline['image_top5']:.1f}%, brain {100 * offline['brain_top1']:.1f}% / top-5 "
+                  f"{100 * offline['brain_top5']:.1f}%")
     print("seconds: " + ", ".join(f"{k} {v}" for k, v in payload["seconds"].items()))
     print(f"peak memory: {payload['peak_rss_mb']} MB")
 

@@ -5,12 +5,16 @@ Times, per configuration, eager vs ``torch.compile`` (CUDA graphs):
 - encoder (adapter for 15724 voxels, hidden 4096, backbone, heads) + 20 DDIM prior steps
   (dim 1664, depth 6, 256 tokens), fp16;
 - the SDXL unCLIP UNet (context 1664, 256 tokens) + SDXL VAE decode at 768 px for 1, 4 and 38
-  Euler steps with guidance 5 (two UNet passes per step), fp16.
+  Euler steps with guidance 5 (two UNet passes per step), fp16;
+- the distilled unCLIP student (``rtdecoder engines distill-unclip``) + VAE decode at 768 px for
+  1, 2 and 4 steps, unguided (guidance was folded in: one UNet pass per step), fp16. Its latency
+  depends only on the architecture, so without ``--student`` the rows time the same random-weight
+  UNet run as the student is run; ``--student DIR`` times a distilled folder itself.
 
 Prints a table and writes ``bench/results/gpu_nsd.json``. ``--tiny`` runs the same code path on the
 CPU with tiny sizes and eager only (a dry run to check the script, not a measurement).
 
-Usage: python bench/gpu_nsd.py [--tiny] [--repeats 5]
+Usage: python bench/gpu_nsd.py [--tiny] [--repeats 5] [--student DIR]
 """
 
 from __future__ import annotations
@@ -44,13 +48,21 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="CPU dry run with tiny sizes")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="bench/results/gpu_nsd.json")
+    parser.add_argument("--student", default=None,
+                        help="a distilled unCLIP student folder (generator.unclip_student_path) to time; "
+                        "default: the random-weight UNet, run as the student is")
     args = parser.parse_args()
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from rtdecoder.config import ModelConfig, load_config
     from rtdecoder.decode.engine import sample_prior
-    from rtdecoder.decode.generators.unclip import UnclipGenerator, sdxl_unclip_unet_config, sdxl_vae_config
+    from rtdecoder.decode.generators.unclip import (
+        UnclipGenerator,
+        load_unclip_student,
+        sdxl_unclip_unet_config,
+        sdxl_vae_config,
+    )
     from rtdecoder.engines.torch_backend import TorchEngine
 
     if args.tiny:
@@ -58,7 +70,7 @@ def main() -> None:
         device, dtype, compile_modes = torch.device("cpu"), torch.float32, [False]
         model_config = ModelConfig(hidden_dim=32, n_blocks=1, n_tokens=4, token_dim=16, prior_dim=16, prior_depth=1,
                                    prior_heads=2, lowlevel=True)
-        n_voxels, image_px, unclip_steps = 50, 64, [1, 2]
+        n_voxels, image_px, unclip_steps, student_steps = 50, 64, [1, 2], [1, 2, 4]
         unet_config = dict(sdxl_unclip_unet_config(image_px, 16), block_out_channels=[32, 64], layers_per_block=1,
                            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
                            up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], transformer_layers_per_block=1,
@@ -69,7 +81,7 @@ def main() -> None:
             raise SystemExit("gpu_nsd.py needs a CUDA device; use --tiny for a CPU dry run")
         device, dtype, compile_modes = torch.device("cuda"), torch.float16, [False, True]
         model_config = load_config("nsd").model
-        n_voxels, image_px, unclip_steps = 15724, 768, [1, 4, 38]
+        n_voxels, image_px, unclip_steps, student_steps = 15724, 768, [1, 4, 38], [1, 2, 4]
         unet_config, vae_config = sdxl_unclip_unet_config(image_px), sdxl_vae_config()
 
     from rtdecoder.decode.model import MindEye2
@@ -92,13 +104,27 @@ def main() -> None:
     unet = UNet2DConditionModel(**unet_config).to(device, dtype).eval()
     vae = AutoencoderKL(**vae_config).to(device, dtype).eval()
     tokens = torch.randn(1, model_config.n_tokens, unet_config["cross_attention_dim"])
+    if args.student:
+        student = load_unclip_student(args.student, image_px, device=str(device), dtype=dtype)
+        student_unet, student_vae = student.unet.eval(), student.vae.eval()
+    else:  # the student has the teacher's architecture; only one UNet pass per step (no guidance) differs
+        student_unet, student_vae = unet, vae
     for compiled in compile_modes:
         if compiled:
             unet = torch.compile(unet, mode="reduce-overhead", dynamic=False)
+            student_unet = unet if not args.student else torch.compile(student_unet, mode="reduce-overhead",
+                                                                          dynamic=False)
         generator = UnclipGenerator(unet, vae, image_size_px=image_px, guidance_scale=5.0)
         for steps in unclip_steps:
             median, p95 = _timed(lambda s=steps, g=generator: g.generate(tokens, s, seed=0), args.repeats, device)
             rows.append({"stage": f"unCLIP UNet + VAE {image_px}px", "steps": steps,
+                         "mode": "compiled" if compiled else "eager", "median_ms": median, "p95_ms": p95})
+        student_generator = UnclipGenerator(student_unet, student_vae, image_size_px=image_px, guidance_scale=1.0,
+                                            name="unclip-student")
+        for steps in student_steps:
+            median, p95 = _timed(lambda s=steps, g=student_generator: g.generate(tokens, s, seed=0), args.repeats,
+                                 device)
+            rows.append({"stage": f"unCLIP student + VAE {image_px}px", "steps": steps,
                          "mode": "compiled" if compiled else "eager", "median_ms": median, "p95_ms": p95})
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (tiny dry run)"
     print(f"device: {name}; dtype {dtype}")

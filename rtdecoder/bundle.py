@@ -8,6 +8,8 @@ Layout (written by :meth:`SubjectBundle.save`, checked by :meth:`SubjectBundle.l
       mask.nii.gz         the voxel mask, in the motion reference's space
       reference.nii.gz    the motion reference volume
       stats.safetensors   per mask voxel: signal mean, beta mean/std, HRF library index
+      glmdenoise.safetensors  GLMdenoise noise components (only with glm.glmdenoise and a count above 0):
+                          pool_ijk, pool_mean, pool_std, components (rtdecoder.glm.denoise.NoiseComponents)
       model/              the fine-tuned MindEye2 (shared weights + this subject's adapter)
       evaluation.json     held-out retrieval (optional)
       engines/            inference engines built from model/ (optional; see rtdecoder.engines.store)
@@ -43,6 +45,7 @@ from safetensors.numpy import load_file, save_file
 from rtdecoder import __version__
 from rtdecoder.config import RTDecoderConfig, read_saved_config, save_config
 from rtdecoder.errors import BundleError, ConfigError
+from rtdecoder.glm.denoise import NoiseComponents
 from rtdecoder.preprocess.orientation import GridTransform, describe_grid, find_grid_transform
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,9 @@ logger = logging.getLogger(__name__)
 BUNDLE_VERSION = 1
 AFFINE_TOLERANCE_MM = 1e-3
 STATS_KEYS = ("signal_mean", "beta_mean", "beta_std", "hrf_index")
+GLMDENOISE_NAME = "glmdenoise.safetensors"
+#: The tensors of ``glmdenoise.safetensors``: :class:`~rtdecoder.glm.denoise.NoiseComponents`' arrays.
+GLMDENOISE_KEYS = ("pool_ijk", "pool_mean", "pool_std", "components")
 ENGINES_DIR_NAME = "engines"
 #: The files of a model folder (``MindEye2.save_pretrained``) that its digest covers.
 MODEL_FILES = ("config.json", "model.safetensors")
@@ -64,6 +70,9 @@ RUN_TIME_KEYS: dict[str, str] = {
     "glm.publish_refinements": "whether refined betas are published",
     "glm.fracridge": "calibration only: the live GLM is OLS either way",
     "glm.fracridge_fractions": "calibration only",
+    "glm.hrf_selection": "calibration only: the chosen HRFs are the bundle's hrf_index",
+    "glm.glmdenoise_max_components": "calibration only: the chosen components are in the bundle's "
+    "glmdenoise.safetensors",
     "preprocess.motion_max_iterations": "solver budget of the same rigid registration",
     "preprocess.motion_tolerance_mm": "solver stopping rule of the same rigid registration",
     "preprocess.motion_n_samples": "voxels sampled by the same rigid registration",
@@ -156,6 +165,13 @@ class SubjectBundle:
         Held-out metrics from calibration.
     metadata : dict
         Everything in ``metadata.json``.
+    directory : Path or None
+        Where it was saved or loaded from.
+    glmdenoise : NoiseComponents or None
+        GLMdenoise's noise components (``glm.glmdenoise``): noise-pool voxel indices on the
+        reference grid, their mean and spread, and the chosen spatial components; the live front
+        end projects each volume's pool onto them for the GLM's extra nuisance columns. None
+        without GLMdenoise or when calibration chose 0 components.
     """
 
     subject_id: str
@@ -172,6 +188,7 @@ class SubjectBundle:
     evaluation: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     directory: Path | None = None
+    glmdenoise: NoiseComponents | None = None
 
     @property
     def n_voxels(self) -> int:
@@ -222,6 +239,7 @@ class SubjectBundle:
         - those in :data:`RUN_TIME_KEYS`, which change when or how fast, not what, is computed
           (``glm.beta_wait_s``, ``glm.publish_refinements``, the prior's sampling steps and eta,
           the motion solver's budget), or are calibration- or training-only (``glm.fracridge*``,
+          ``glm.glmdenoise_max_components``,
           ``model.dropout``, ``model.prior_cond_drop``), or are paths on this machine
           (``embedding.weights_path``, whose content :meth:`check_embedding` checks, and
           ``embedding.cache_dir``);
@@ -278,6 +296,18 @@ class SubjectBundle:
             },
             str(directory / "stats.safetensors"),
         )
+        if self.glmdenoise is not None:
+            save_file(
+                {
+                    "pool_ijk": np.asarray(self.glmdenoise.pool_ijk, dtype=np.int32),
+                    "pool_mean": np.asarray(self.glmdenoise.pool_mean, dtype=np.float32),
+                    "pool_std": np.asarray(self.glmdenoise.pool_std, dtype=np.float32),
+                    "components": np.ascontiguousarray(self.glmdenoise.components, dtype=np.float32),
+                },
+                str(directory / GLMDENOISE_NAME),
+            )
+        else:  # a stale file of an earlier calibration into the same folder must not pair with these betas
+            (directory / GLMDENOISE_NAME).unlink(missing_ok=True)
         if model is not None:
             model.save_pretrained(directory / "model")
             self.model_dir = directory / "model"
@@ -300,6 +330,7 @@ class SubjectBundle:
             },
             "rtdecoder_version": __version__,
             "has_model": self.model_dir is not None,
+            "glmdenoise_n_components": self.glmdenoise.n_components if self.glmdenoise is not None else 0,
             **self._model_digest_fields(fresh=model is not None),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             **{k: v for k, v in self.metadata.items() if k.startswith("calibration_")},
@@ -334,6 +365,7 @@ class SubjectBundle:
             if key not in stats:
                 raise BundleError(f"{stats_path}: missing tensor {key!r}")
         model_dir = directory / "model"
+        glmdenoise = _read_glmdenoise(directory / GLMDENOISE_NAME, int(metadata.get("glmdenoise_n_components", 0)))
         bundle = cls(
             subject_id=str(metadata.get("subject_id", "")),
             config=config,
@@ -349,6 +381,7 @@ class SubjectBundle:
             evaluation=_read_json(directory / "evaluation.json") if (directory / "evaluation.json").exists() else {},
             metadata=metadata,
             directory=directory,
+            glmdenoise=glmdenoise,
         )
         bundle._check_shapes(directory)
         if metadata.get("mask_sha256") != mask_hash(mask):
@@ -470,6 +503,14 @@ class SubjectBundle:
         for name in ("signal_mean", "beta_std"):
             if not np.all(getattr(self, name) > 0):
                 raise BundleError(f"{directory / 'stats.safetensors'}: {name}: expected positive values")
+        if self.glmdenoise is not None:
+            where = directory / GLMDENOISE_NAME
+            if not self.config.glm.glmdenoise:
+                raise BundleError(
+                    f"{where}: noise components, but the bundle's config.json has glm.glmdenoise false; expected "
+                    "them only from a calibration with GLMdenoise"
+                )
+            self.glmdenoise.check(self.mask.shape, str(where))
 
 
 def _governs(path: str, section: dict[str, Any]) -> bool:
@@ -486,6 +527,32 @@ def _governs(path: str, section: dict[str, Any]) -> bool:
 def _arch_name(arch: str) -> str:
     # A local architecture file may lie elsewhere on the scanner host; its name is what identifies it.
     return Path(arch).stem if arch.endswith(".json") else arch
+
+
+def _read_glmdenoise(path: Path, n_components: int) -> NoiseComponents | None:
+    """The noise components of ``glmdenoise.safetensors``; None when metadata.json records none."""
+    if not path.is_file():
+        if n_components:
+            raise BundleError(
+                f"{path}: missing, but metadata.json records glmdenoise_n_components {n_components}"
+            )
+        return None
+    try:
+        tensors = load_file(str(path))
+    except (OSError, ValueError) as err:
+        raise BundleError(f"{path}: cannot read noise components: {err}") from None
+    for key in GLMDENOISE_KEYS:
+        if key not in tensors:
+            raise BundleError(f"{path}: missing tensor {key!r}")
+    components = NoiseComponents(
+        tensors["pool_ijk"].astype(np.int64), tensors["pool_mean"], tensors["pool_std"], tensors["components"]
+    )
+    if components.components.ndim != 2 or components.n_components != n_components:
+        raise BundleError(
+            f"{path}: components: {components.components.shape} but metadata.json records glmdenoise_n_components "
+            f"{n_components}; expected shape (n_pool, {n_components})"
+        )
+    return components
 
 
 def _read_json(path: Path) -> dict[str, Any]:

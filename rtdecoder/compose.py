@@ -2,7 +2,8 @@
 
 The parts stay apart (the model and its prior in :mod:`rtdecoder.decode`, the inference backends
 in :mod:`rtdecoder.engines`, the generators in :mod:`rtdecoder.decode.generators`); this module
-chooses between them from the config. The phantom world's candidates and generator come from
+chooses between them from the config, the captioner (:func:`load_captioner`) too. The phantom world's
+candidates, generator and captioner come from
 :mod:`rtdecoder.phantom.decoding`, which calls :func:`build_live_decoder` with its own parts, so
 nothing here depends on the simulator.
 """
@@ -14,6 +15,7 @@ from typing import Any
 
 from rtdecoder.bundle import SubjectBundle
 from rtdecoder.config import RTDecoderConfig
+from rtdecoder.decode.caption import Captioner
 from rtdecoder.decode.engine import Engine
 from rtdecoder.decode.generators.base import Generator
 from rtdecoder.decode.live import LiveDecoder
@@ -30,6 +32,7 @@ def build_live_decoder(
     generator: Generator | None,
     generator_steps: int | None = None,
     device: str = "cpu",
+    captioner: Captioner | None = None,
 ) -> LiveDecoder:
     """The live decoder of a calibrated subject.
 
@@ -47,13 +50,16 @@ def build_live_decoder(
     generator : Generator or None
         Tokens -> images; ``None`` disables reconstruction.
     generator_steps : int, optional
-        Sampling steps of the generator (default ``generator.n_steps``).
+        Sampling steps of the generator (default :func:`default_generator_steps`: ``generator.n_steps``,
+        or ``generator.student_steps`` with a distilled unCLIP student).
     device : str, default="cpu"
+    captioner : Captioner, optional
+        Prior tokens -> caption (:func:`load_captioner`); ``None``: no captions.
 
     Raises
     ------
     BundleError
-        A model without a prior, or candidates of another token shape.
+        A model without a prior, or candidates or a captioner of another token shape.
     ConfigError
         A low-level latent that the generator has no VAE for (with ``generator.lowlevel_weight`` > 0).
     """
@@ -67,14 +73,20 @@ def build_live_decoder(
             f"candidates: tokens of shape {candidates.token_shape} but the model of {bundle.subject_id} predicts "
             f"{(model.config.n_tokens, model.config.token_dim)}; embed the candidates with the bundle's embedder"
         )
+    if captioner is not None and tuple(captioner.input_shape) != (model.config.n_tokens, model.config.token_dim):
+        raise BundleError(
+            f"caption.map_path: captioner {captioner.name!r} takes tokens of shape {tuple(captioner.input_shape)} but "
+            f"the model of {bundle.subject_id} predicts {(model.config.n_tokens, model.config.token_dim)}; fit a "
+            "caption map from the bundle's embedder (python -m rtdecoder.decode.caption fit-map)"
+        )
     # The bundle's model, not the run's model section, says whether the encoder gives a low-level output.
     lowlevel_weight = config.generator.lowlevel_weight if model.config.lowlevel and generator is not None else 0.0
     lowlevel_vae = lowlevel_vae_for(generator, model.config.lowlevel_channels) if lowlevel_weight > 0 else None
     return LiveDecoder(
         make_engine(config, model, bundle.subject_id, device, bundle=bundle), candidates, generator,
         bundle.beta_mean, bundle.beta_std, prior_steps=config.model.prior_sample_steps,
-        generator_steps=generator_steps or config.generator.n_steps, prior_eta=config.model.prior_sample_eta,
-        lowlevel_weight=lowlevel_weight, lowlevel_vae=lowlevel_vae,
+        generator_steps=generator_steps or default_generator_steps(config), prior_eta=config.model.prior_sample_eta,
+        lowlevel_weight=lowlevel_weight, lowlevel_vae=lowlevel_vae, captioner=captioner,
     )
 
 
@@ -126,10 +138,19 @@ def make_engine(
     return TensorRTEngine(folder)
 
 
+def default_generator_steps(config: RTDecoderConfig) -> int:
+    """Sampling steps of the configured generator: ``generator.student_steps`` for a distilled unCLIP student
+    (``generator.unclip_student_path``), else ``generator.n_steps``."""
+    gen = config.generator
+    return gen.student_steps if gen.kind == "unclip" and gen.unclip_student_path else gen.n_steps
+
+
 def load_generator(config: RTDecoderConfig, device: str = "cpu") -> Generator | None:
     """The configured generator from local weights, or ``None`` when reconstruction is off.
 
-    unCLIP samples with ``generator.guidance_scale`` (MindEye2: 5) at ``generator.image_size_px``.
+    unCLIP samples with ``generator.guidance_scale`` (MindEye2: 5) at ``generator.image_size_px``; with
+    ``generator.unclip_student_path`` set, the distilled student renders instead (unguided, at
+    ``generator.student_steps``; the teacher's weights are then not read).
     """
     if not config.session.reconstruct:
         return None
@@ -138,6 +159,11 @@ def load_generator(config: RTDecoderConfig, device: str = "cpu") -> Generator | 
             f"generator.kind: {config.generator.kind!r} is the phantom world's; build its decoder with "
             "rtdecoder.phantom.decoding.phantom_live_decoder, or set generator.kind: unclip"
         )
+    if config.generator.unclip_student_path:
+        from rtdecoder.decode.generators.unclip import load_unclip_student
+
+        return load_unclip_student(config.generator.unclip_student_path, config.generator.image_size_px,
+                                   config.generator.student_steps, device=device)
     if not config.generator.unclip_weights_path:
         raise ConfigError("generator.unclip_weights_path: a local file is needed for kind 'unclip'")
     from rtdecoder.decode.generators.unclip import load_unclip_generator
@@ -200,7 +226,39 @@ def candidates_from_config(
     return CandidateBank.from_image_tokens(tokens)
 
 
+def load_captioner(config: RTDecoderConfig, device: str = "cpu") -> Captioner | None:
+    """The configured GIT captioner from local weights, or ``None`` when captions are off.
+
+    Off (``None``) when ``caption.enabled`` is false, and, with a log message naming the key, when
+    ``caption.git_weights_dir`` is not set or holds no model, or the caption map
+    (``caption.map_path``, default ``<git_weights_dir>/caption_map.safetensors``) is missing: a
+    missing captioner never stops a session. Weights that are there but do not load raise.
+    """
+    from pathlib import Path
+
+    section = config.caption
+    if not section.enabled:
+        return None
+    if not section.git_weights_dir:
+        logger.info("captions off: caption.git_weights_dir is not set (a local folder of GIT captioner weights); "
+                    "set caption.enabled: false to say so")
+        return None
+    folder = Path(section.git_weights_dir)
+    if not (folder / "config.json").is_file():
+        logger.warning("captions off: caption.git_weights_dir: %s holds no GIT model (no config.json)", folder)
+        return None
+    from rtdecoder.decode.caption import CAPTION_MAP_NAME, load_git_captioner
+
+    map_path = Path(section.map_path) if section.map_path else folder / CAPTION_MAP_NAME
+    if not map_path.is_file():
+        logger.warning("captions off: caption.map_path: %s not found (the linear map from the predicted tokens to "
+                       "the captioner's; python -m rtdecoder.decode.caption fit-map makes one)", map_path)
+        return None
+    return load_git_captioner(folder, map_path, max_new_tokens=section.max_new_tokens, num_beams=section.num_beams,
+                              device=device)
+
+
 def live_decoder_from_config(bundle: SubjectBundle, config: RTDecoderConfig, device: str = "cpu") -> LiveDecoder:
-    """A lab's decoder: candidates from ``candidates.images_dir``, the generator from its local weights."""
+    """A lab's decoder: candidates from ``candidates.images_dir``, the generator and captioner from local weights."""
     return build_live_decoder(bundle, config, candidates_from_config(config, bundle, device),
-                              load_generator(config, device), device=device)
+                              load_generator(config, device), device=device, captioner=load_captioner(config, device))

@@ -171,6 +171,13 @@ class GLMConfig(Section):
 
     method: Literal["lss", "lsa"] = "lss"
     hrf: Literal["canonical", "library"] = "canonical"
+    hrf_selection: Literal["crossval", "onoff", "single_trial"] = Field(
+        "crossval",
+        description="calibration only, with hrf: library: how each voxel's library HRF is chosen (the bundle keeps "
+        "the choice): crossval, an ON-OFF model (all trials one regressor) fitted on the other runs and scored on "
+        "each held-out run (onoff for a one-run session); onoff, the ON-OFF model's R^2 per run; single_trial, the "
+        "single-trial model's R^2, GLMsingle's rule, which overfits and picks late shapes (rtdecoder/glm/hrf.py)",
+    )
     drift_model: Literal["polynomial", "cosine"] = "polynomial"
     drift_order: int = Field(2, ge=0, description="polynomial degree")
     high_pass_hz: float = Field(0.01, gt=0.0, description="cosine drift cut-off")
@@ -193,6 +200,15 @@ class GLMConfig(Section):
         "'auto' takes the median slice acquisition time of the run's first volume (0 when the volumes carry "
         "no slice times), or a number of seconds, 0 to the TR; calibration and the live GLM use the same rule "
         "(rtdecoder.glm.design.slice_time_ref_from)",
+    )
+    glmdenoise: bool = Field(
+        False,
+        description="GLMdenoise noise regressors: spatial PCA components of a pool of task-unresponsive brain "
+        "voxels outside the mask, their count cross-validated across calibration runs (0 allowed); the bundle "
+        "keeps them and the live GLM adds each volume's projection as nuisance columns (rtdecoder/glm/denoise.py)",
+    )
+    glmdenoise_max_components: int = Field(
+        10, ge=1, le=50, description="calibration only: most noise components GLMdenoise tries (numpcstotry)"
     )
 
     @field_validator("slice_time_ref_s", mode="before")
@@ -349,6 +365,28 @@ class GeneratorConfig(Section):
         description="classifier-free guidance of the generator (unCLIP and the phantom teacher; MindEye2: 5); 1 = none",
     )
     unclip_weights_path: str | None = Field(None, description="generative-models unCLIP checkpoint")
+    unclip_student_path: str | None = Field(
+        None,
+        description="a distilled unCLIP student folder ('rtdecoder engines distill-unclip --out'); when set, kind "
+        "'unclip' renders with it at student_steps steps, unguided (guidance was folded in), instead of the teacher",
+    )
+    unclip_distill_teacher_steps: int = Field(
+        32, ge=2, description="distill-unclip: Euler steps of the first round's teacher; student_steps times a "
+        "power of two (rounds halve it: 32 -> 16 -> 8 -> 4)",
+    )
+    unclip_distill_iterations_per_round: int = Field(
+        2000, ge=1, description="distill-unclip: optimiser steps per round"
+    )
+    unclip_distill_batch_size: int = Field(
+        4, ge=1, description="distill-unclip: latents per optimiser step and process (torchrun: times the processes)"
+    )
+    unclip_distill_lr: float = Field(1e-5, gt=0.0, description="distill-unclip: AdamW learning rate")
+    unclip_distill_checkpoint_every: int = Field(
+        250, ge=1, description="distill-unclip: iterations between resumable checkpoints in OUT/checkpoints"
+    )
+    unclip_distill_gradient_checkpointing: bool = Field(
+        False, description="distill-unclip: recompute the student's activations (less GPU memory, slower)"
+    )
     cache_dir: str = "rtdecoder-cache/generators"
     phantom_train_steps: int = Field(1500, ge=1)
     phantom_batch_size: int = Field(32, ge=2)
@@ -365,6 +403,39 @@ class GeneratorConfig(Section):
     onnx_opset: int = Field(18, ge=13)
     tensorrt_fp16: bool = True
     max_batch: int = Field(8, ge=1, description="largest batch the engines are built for")
+
+
+class CaptionConfig(Section):
+    """Captions of the seen image from the prior's predicted tokens (MindEye2: GIT-large-COCO, 20 tokens).
+
+    A caption stage after the prior (rtdecoder/decode/caption.py, docs/captions.md): a linear map takes
+    the predicted tokens to the captioner's image-encoder tokens, and a GIT model decodes them into
+    text. Off, with a message naming the key, where the weights are missing; the phantom world
+    trains its own small captioner when ``git_weights_dir`` is not set.
+    """
+
+    enabled: bool = Field(
+        True, description="caption every decode whose prior runs (reconstructed, or reconstruction off; not those "
+        "skipped for the backlog), when the captioner's weights are there"
+    )
+    git_weights_dir: str | None = Field(
+        None, description="local folder of a GIT captioner saved by transformers (config.json, weights, tokenizer "
+        "files), e.g. GIT-large-COCO; nothing is downloaded. Unset: no captions, except in the phantom world"
+    )
+    map_path: str | None = Field(
+        None, description="safetensors linear map predicted tokens -> the captioner's image-encoder tokens "
+        "(python -m rtdecoder.decode.caption fit-map makes one); default caption_map.safetensors in git_weights_dir"
+    )
+    max_new_tokens: int = Field(
+        20, ge=1, le=128, description="token budget of one caption (MindEye2: 20): decoding stops there, so the "
+        "stage's time is bounded within the trial window"
+    )
+    num_beams: int = Field(1, ge=1, le=8, description="1: greedy decoding; more: beam search of this width")
+    cache_dir: str = Field("rtdecoder-cache/captioners", description="phantom world: its captioner, trained on first use")
+    phantom_train_steps: int = Field(1200, ge=1, description="phantom world: optimiser steps of its captioner")
+    phantom_batch_size: int = Field(32, ge=2)
+    phantom_lr: float = Field(1e-3, gt=0.0)
+    phantom_hidden_dim: int = Field(128, ge=16, description="phantom world: width of its GIT text decoder")
 
 
 class SessionConfig(Section):
@@ -446,6 +517,7 @@ class RTDecoderConfig(Section):
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
     generator: GeneratorConfig = GeneratorConfig()
+    caption: CaptionConfig = CaptionConfig()
     publish: PublishConfig = PublishConfig()
     session: SessionConfig = SessionConfig()
     view: ViewConfig = ViewConfig()

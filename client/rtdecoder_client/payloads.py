@@ -115,7 +115,8 @@ class DecodeData(_Payload):
     """``decode``: a beta decoded into a retrieval ranking and, when decoding keeps up, an image."""
 
     topic: ClassVar[str] = "decode"
-    optional: ClassVar[tuple[str, ...]] = ("image_png", "reconstruction_ms", "backlog", "decode_ms")
+    optional: ClassVar[tuple[str, ...]] = ("image_png", "reconstruction_ms", "backlog", "decode_ms", "caption",
+                                           "caption_ms")
     run: str
     trial_id: str
     stim_id: str | None
@@ -127,6 +128,8 @@ class DecodeData(_Payload):
     reconstruction_ms: float | None = None
     backlog: int | None = None
     decode_ms: float | None = None
+    caption: str | None = None  # the seen image described, from the prior's tokens (when captions are on)
+    caption_ms: float | None = None  # the caption stage alone (with the prior when reconstruction is off)
 
     def to_map(self) -> dict[str, Any]:
         return {**super().to_map(), "retrieval": self.retrieval.to_map()}

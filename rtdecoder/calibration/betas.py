@@ -36,9 +36,10 @@ in the units of calibration betas:
 4. ``signal_mean``: the mean corrected signal of each mask voxel over the whole session. Every
    time series is turned into percent signal change of it, ``100 * (v / signal_mean - 1)``, with
    the same :class:`~rtdecoder.preprocess.mask.OnlineNormaliser` the live session builds.
-5. HRF per voxel (``glm.hrf: library``): the library shape with the best single-trial R^2, summed
-   over runs (:func:`rtdecoder.glm.hrf.library_r2`). Missing volumes are linearly interpolated for
-   this choice only.
+5. HRF per voxel (``glm.hrf: library``), by ``glm.hrf_selection`` (:func:`choose_session_hrf`,
+   :func:`rtdecoder.glm.hrf.library_scores`): by default the library shape whose ON-OFF model (all
+   trials one regressor, with the drift and motion confounds) best predicts each run from the
+   other runs. Missing volumes are linearly interpolated for this choice only.
 6. Betas: one :class:`~rtdecoder.glm.incremental.IncrementalGLM` per run with the config's method
    (LSS/LSA), drift and motion confounds, fed every volume and finished; the final betas are the
    whole-run OLS fit (missing volumes left out). The frame times (and the HRF choice of step 5)
@@ -66,7 +67,19 @@ Units with fractional ridge: the rescaling keeps each voxel's mean and its linea
 OLS betas, but ridge betas vary less from trial to trial than OLS betas (that is the denoising),
 so the z-scoring statistics of :mod:`rtdecoder.calibration.calibrate` computed on them are narrower than
 those of the live OLS betas the model will see. The live GLM stays OLS: fractional ridge needs
-the whole session. Not done: GLMdenoise-style noise regressors.
+the whole session.
+
+GLMdenoise (``glm.glmdenoise``, :mod:`rtdecoder.glm.denoise`), between the HRF choice (step 5) and
+the betas (step 6): the voxels of a brain mask wider than the decoding mask (``noise_pool_mask``,
+default an EPI brain mask of the reference), minus the decoding mask and a one-voxel margin around
+it, are read at their motion-corrected positions in step 3 with the mask voxels. Those whose
+leave-one-run-out ON-OFF R^2 is below 0 form the noise pool; the leading spatial principal components of its normalised,
+confound-projected signal (at most ``glm.glmdenoise_max_components``) are found over the whole
+session, and their count, 0 allowed, is chosen by the leave-one-run-out R^2 of the mask voxels'
+ON-OFF model (GLMdenoise's rule). Each volume's pool signal projected onto the chosen components
+gives that volume's noise regressors, extra nuisance columns of the run's GLM (and of fractional
+ridge's confounds). The live front end applies the same components, kept in the bundle
+(:attr:`SessionBetas.glmdenoise`), to each live volume, so live betas are the same denoised betas.
 
 Output (:func:`save_betas`): ``betas.nii.gz``, float32 of shape ``(n_voxels, 1, 1, n_trials)``
 (mask space: voxel ``i`` is row ``i`` of the mask's C-order voxel list, ``mask.nii.gz`` beside it)
@@ -81,7 +94,7 @@ import csv
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,10 +104,11 @@ import numpy as np
 from rtdecoder.calibration.bids import find_bids_runs, find_func_dir
 from rtdecoder.config import RTDecoderConfig
 from rtdecoder.errors import BundleError, ConfigError, VolumeError
-from rtdecoder.glm.design import slice_time_ref_from
+from rtdecoder.glm.denoise import DenoiseRun, NoiseComponents, epi_brain_mask, fit_glmdenoise, noise_pool_candidates
+from rtdecoder.glm.design import slice_time_ref_from, trial_regressors
 from rtdecoder.glm.events import Trial, read_events_tsv
 from rtdecoder.glm.fracridge import design_svd, fracridge
-from rtdecoder.glm.hrf import library_r2
+from rtdecoder.glm.hrf import HRF_LIBRARY_SIZE, HRFRun, choose_library_hrf
 from rtdecoder.glm.incremental import IncrementalGLM
 from rtdecoder.ingest.ordering import RunNumbering
 from rtdecoder.ingest.readers import read_volume
@@ -170,7 +184,8 @@ class RunDesign:
     trial_columns : ndarray of shape (n_groups, n_volumes, n_trials)
         Each HRF group's trial regressors over the whole run (one group with a canonical HRF).
     nuisance : ndarray of shape (n_volumes, n_nuisance)
-        Confounds that are fitted but not shrunk (motion parameters, drift).
+        Confounds that are fitted but not shrunk (motion parameters, GLMdenoise's noise
+        regressors, drift).
     group_of_voxel : ndarray of shape (n_voxels,), int
         The HRF group (first axis of ``trial_columns``) of each voxel.
     data : ndarray of shape (n_volumes, n_voxels)
@@ -184,13 +199,24 @@ class RunDesign:
 
     @classmethod
     def from_estimator(
-        cls, estimator: IncrementalGLM, data: np.ndarray, motion_params: np.ndarray, motion_confounds: bool
+        cls,
+        estimator: IncrementalGLM,
+        data: np.ndarray,
+        motion_params: np.ndarray,
+        motion_confounds: bool,
+        confounds: np.ndarray | None = None,
     ) -> RunDesign:
-        """The design a started :class:`IncrementalGLM` built, with the same confound columns."""
+        """The design a started :class:`IncrementalGLM` built, with the same confound columns.
+
+        ``confounds`` (n_volumes, n_confounds) are the extra nuisance columns the estimator was fed
+        (GLMdenoise's noise regressors; NaN rows of missing volumes are never used).
+        """
         group_of_voxel = np.empty(estimator.n_voxels_, dtype=np.int64)
         for group, cols in enumerate(estimator.group_slices_):
             group_of_voxel[estimator.voxel_order_[cols]] = group
         nuisance = estimator.drift_
+        if confounds is not None and confounds.shape[1]:
+            nuisance = np.hstack([np.nan_to_num(confounds), nuisance])
         if motion_confounds:
             nuisance = np.hstack([np.nan_to_num(motion_params), nuisance])
         return cls(estimator.trial_columns_, nuisance, group_of_voxel, data)
@@ -228,6 +254,13 @@ class SessionBetas:
     slice_time_ref_s : dict of str to float
         Per run: the time within the TR its volumes' samples stood for in the GLM, s
         (:func:`rtdecoder.glm.design.slice_time_ref_from`).
+    glmdenoise : NoiseComponents or None
+        With ``glm.glmdenoise``: the chosen noise components, whose regressors the betas' GLMs had
+        as confounds and the live front end applies to each volume. None without GLMdenoise, or
+        when it chose 0 components (the betas are then the plain ones).
+    glmdenoise_cv_r2_pct : ndarray of shape (n_tried + 1,), or None
+        With ``glm.glmdenoise``: the median leave-one-run-out ON-OFF R^2, percent, at 0, 1, ...
+        components, that the count was chosen on; None when GLMdenoise could not be fitted.
     """
 
     betas: np.ndarray
@@ -242,6 +275,8 @@ class SessionBetas:
     n_missing: dict[str, int] = field(default_factory=dict)
     fracridge_fractions: np.ndarray | None = None
     slice_time_ref_s: dict[str, float] = field(default_factory=dict)
+    glmdenoise: NoiseComponents | None = None
+    glmdenoise_cv_r2_pct: np.ndarray | None = None
 
     @property
     def stim_index(self) -> np.ndarray:
@@ -424,6 +459,7 @@ def estimate_session_betas(
     progress: bool = True,
     reference: str | Path | Volume | None = None,
     select: Mapping[str, str | int] | None = None,
+    noise_pool_mask: np.ndarray | VoxelMask | MaskSource | str | Path | None = None,
 ) -> SessionBetas:
     """Motion-correct, mask, normalise and fit single-trial betas for a whole session.
 
@@ -445,6 +481,11 @@ def estimate_session_betas(
         The motion reference (:func:`choose_reference`); default: the middle volume of the first run.
     select : mapping of str to str or int, optional
         BIDS entity values the runs must have (``{"task": "nsd"}``); see :func:`find_runs`.
+    noise_pool_mask : like ``mask``, optional
+        With ``glm.glmdenoise``: the brain voxels the noise pool is drawn from (the decoding mask's
+        voxels and a one-voxel margin around them are left out); default an EPI brain mask of the
+        reference
+        (:func:`rtdecoder.glm.denoise.epi_brain_mask`).
 
     Returns
     -------
@@ -457,12 +498,24 @@ def estimate_session_betas(
     reference = choose_reference(first_run, reference)
     affine = np.asarray(reference.affine, dtype=np.float64)
     voxel_mask = _as_voxel_mask(mask, reference)
+    glm = config.glm
+    candidate_ijk = None  # GLMdenoise's noise-pool candidates: brain voxels outside the decoding mask
+    if glm.glmdenoise:
+        if noise_pool_mask is None:
+            brain = epi_brain_mask(reference.data, affine)
+        else:
+            brain = _as_voxel_mask(noise_pool_mask, reference).grid
+        candidate_ijk = noise_pool_candidates(brain, voxel_mask.grid)
+        logger.info("GLMdenoise: %d noise-pool candidates (%s, away from the %d mask voxels)", candidate_ijk.shape[0],
+                    "EPI brain mask of the reference" if noise_pool_mask is None else "noise_pool_mask",
+                    voxel_mask.n_voxels)
     pre = config.preprocess
     motion = None
     if pre.motion_correction:
         motion = MotionCorrector(pre.motion_max_iterations, pre.motion_tolerance_mm, pre.motion_n_samples)
         motion.set_reference(reference.data, affine)
     raw_runs: list[tuple[RunFolder, np.ndarray, np.ndarray, float]] = []
+    candidate_runs: list[np.ndarray] = []  # per run (n_volumes, n_candidates), with glm.glmdenoise
     slice_timing: list[tuple[np.ndarray | None, str]] = []  # each run's slice times, s, and where they are from
     # a single 4D file per run has no per-volume file count; the bar then counts without a total
     n_files = None if len(runs[0].volume_paths) == 1 else sum(len(run.volume_paths) for run in runs)
@@ -470,15 +523,16 @@ def estimate_session_betas(
         for number, run in enumerate(runs):
             volumes = first_run if number == 0 else read_run_volumes(run, config.scanner.tr_s)
             first_run = []
-            values, params, tr_s = _correct_run(run, volumes, voxel_mask, motion, bar)
+            values, params, tr_s, candidates = _correct_run(run, volumes, voxel_mask, motion, bar, candidate_ijk)
             raw_runs.append((run, values, params, tr_s))
+            if candidates is not None:
+                candidate_runs.append(candidates)
             slice_timing.append(run_slice_times_s(run, volumes))
             del volumes
     tr_s = raw_runs[0][3]
     for run, _, _, run_tr_s in raw_runs:
         if abs(run_tr_s - tr_s) > 1e-3:
             raise VolumeError(f"{run.source}: TR {run_tr_s} s differs from the first run's {tr_s} s")
-    glm = config.glm
     # Each run's own reference (slice timing could differ between runs); the live session takes
     # its run's from the first live volume by the same rule.
     slice_time_refs_s = [
@@ -505,24 +559,39 @@ def estimate_session_betas(
     if glm.hrf == "library":
         hrf_index = choose_session_hrf(psc_runs, config, tr_s, slice_time_refs_s)
     offline = glm.model_copy(update={"beta_wait_s": _NEVER_RELEASE_S, "publish_refinements": False})
+
+    def run_estimator(run: RunFolder, n_volumes: int, slice_time_ref_s: float, n_confounds: int) -> IncrementalGLM:
+        return IncrementalGLM.from_config(
+            offline, run.trials, tr_s, n_volumes, slice_time_ref_s=slice_time_ref_s,
+            hrf_per_voxel=hrf_index if glm.hrf == "library" else None, n_confounds=n_confounds,
+        ).start(voxel_mask.n_voxels)
+
+    denoise, denoise_curve, noise_regressors = None, None, [None] * len(psc_runs)
+    if glm.glmdenoise:
+        fit = _session_glmdenoise(psc_runs, candidate_runs, candidate_ijk, slice_time_refs_s, run_estimator, config)
+        del candidate_runs
+        if fit is not None:
+            denoise, denoise_curve, noise_regressors = fit
     betas, trials, labels = [], [], []
     designs: list[RunDesign] = []
-    for (run, psc, params), slice_time_ref_s in zip(psc_runs, slice_time_refs_s, strict=True):
-        estimator = IncrementalGLM.from_config(
-            offline, run.trials, tr_s, psc.shape[0], slice_time_ref_s=slice_time_ref_s,
-            hrf_per_voxel=hrf_index if glm.hrf == "library" else None,
-        ).start(voxel_mask.n_voxels)
+    for (run, psc, params), slice_time_ref_s, confounds in zip(
+        psc_runs, slice_time_refs_s, noise_regressors, strict=True
+    ):
+        estimator = run_estimator(run, psc.shape[0], slice_time_ref_s, 0 if confounds is None else confounds.shape[1])
         for tr_index in range(psc.shape[0]):
             if np.isnan(psc[tr_index, 0]):
                 estimator.mark_missing(tr_index)
             else:
-                estimator.update(tr_index, psc[tr_index], np.nan_to_num(params[tr_index]))
+                estimator.update(
+                    tr_index, psc[tr_index], np.nan_to_num(params[tr_index]),
+                    None if confounds is None else confounds[tr_index],
+                )
         for beta in estimator.finish():
             betas.append(beta.beta)
         trials += run.trials
         labels += [run.label] * len(run.trials)
         if glm.fracridge:
-            designs.append(RunDesign.from_estimator(estimator, psc, params, glm.motion_confounds))
+            designs.append(RunDesign.from_estimator(estimator, psc, params, glm.motion_confounds, confounds))
     session_betas = np.stack(betas).astype(np.float32)
     fractions = None
     if glm.fracridge:
@@ -543,11 +612,55 @@ def estimate_session_betas(
         n_missing={run.label: int(np.isnan(values[:, 0]).sum()) for run, values, _, _ in raw_runs},
         fracridge_fractions=fractions,
         slice_time_ref_s={run.label: ref_s for run, ref_s in zip(runs, slice_time_refs_s, strict=True)},
+        glmdenoise=denoise,
+        glmdenoise_cv_r2_pct=denoise_curve,
     )
     logger.info(
         "calibration betas: %d trials x %d voxels from %d runs", len(trials), voxel_mask.n_voxels, len(runs)
     )
     return result
+
+
+def _session_glmdenoise(
+    psc_runs: Sequence[tuple[RunFolder, np.ndarray, np.ndarray]],
+    candidate_runs: Sequence[np.ndarray],
+    candidate_ijk: np.ndarray,
+    slice_time_refs_s: Sequence[float],
+    run_estimator: Callable[[RunFolder, int, float, int], IncrementalGLM],
+    config: RTDecoderConfig,
+) -> tuple[NoiseComponents | None, np.ndarray, list[np.ndarray | None]] | None:
+    """GLMdenoise for a session: the chosen components, the count's curve and each run's regressors.
+
+    The ON-OFF designs and confounds are those of the runs' own GLMs (a plain estimator is started
+    per run for them). Returns None when GLMdenoise cannot be fitted (logged); the regressors are
+    None per run when it chose 0 components.
+    """
+    from rtdecoder.glm.hrf import DEFAULT_HRF_LENGTH_S, canonical_hrf
+
+    glm = config.glm
+    runs, group_of_voxel = [], None
+    for (run, psc, params), slice_time_ref_s, candidates in zip(
+        psc_runs, slice_time_refs_s, candidate_runs, strict=True
+    ):
+        estimator = run_estimator(run, psc.shape[0], slice_time_ref_s, 0)
+        design = RunDesign.from_estimator(estimator, psc, params, glm.motion_confounds)
+        group_of_voxel = design.group_of_voxel
+        # The candidates have no HRF choice of their own: the canonical (Glover) shape.
+        kernel = canonical_hrf("glover", estimator.tr_s, estimator.oversampling, DEFAULT_HRF_LENGTH_S)
+        candidate_onoff = trial_regressors(run.trials, estimator.frame_times_s_, kernel, estimator.oversampling)
+        runs.append(DenoiseRun(
+            data=psc, onoff=design.trial_columns.sum(axis=2), nuisance=design.nuisance,
+            candidate_values=candidates, candidate_onoff=candidate_onoff.sum(axis=1),
+        ))
+    fit = fit_glmdenoise(runs, group_of_voxel, candidate_ijk, glm.glmdenoise_max_components)
+    if fit is None:
+        return None
+    chosen = fit.chosen
+    if chosen is None:
+        return None, fit.cv_r2_pct, [None] * len(runs)
+    # The regressors the live front end computes from each volume, by the same arithmetic.
+    regressors = [chosen.regressors(r.candidate_values[:, fit.pool_index]) for r in runs]
+    return chosen, fit.cv_r2_pct, regressors
 
 
 def stimulus_keys(trials: Sequence[Trial]) -> np.ndarray:
@@ -774,14 +887,20 @@ def choose_session_hrf(
     tr_s: float,
     slice_time_refs_s: Sequence[float] | None = None,
 ) -> np.ndarray:
-    """Library HRF per voxel with the best single-trial R^2 summed over the session's runs.
+    """Library HRF per voxel over the session's runs, by ``glm.hrf_selection``.
+
+    ``"crossval"`` (the default): the shape whose ON-OFF model, its amplitude fitted on the other
+    runs, best predicts each held-out run (a one-run session falls back to ``"onoff"``, with a
+    warning); ``"onoff"``: the best ON-OFF R^2, averaged over runs; ``"single_trial"``: the best
+    single-trial R^2 (the rule before, which overfits). See
+    :func:`rtdecoder.glm.hrf.library_scores`.
 
     Parameters
     ----------
     psc_runs : sequence of (RunFolder, ndarray (n_volumes, n_voxels), ndarray (n_volumes, 6))
         Each run's percent-signal-change series and motion (NaN rows: missing volumes).
     config : RTDecoderConfig
-        ``glm`` drift and confound settings.
+        ``glm`` HRF selection, drift and confound settings.
     tr_s : float
         Repetition time, s.
     slice_time_refs_s : sequence of float, optional
@@ -794,15 +913,24 @@ def choose_session_hrf(
     glm = config.glm
     if slice_time_refs_s is None:
         slice_time_refs_s = [0.0] * len(psc_runs)
-    total = None
-    for (run, psc, params), slice_time_ref_s in zip(psc_runs, slice_time_refs_s, strict=True):
-        psc, params = _fill_missing(psc), _fill_missing(params)
-        r2 = library_r2(
-            psc, run.trials, tr_s, slice_time_ref_s, params if glm.motion_confounds else None,
-            glm.drift_model, glm.drift_order, glm.high_pass_hz,
+    runs = [
+        HRFRun(_fill_missing(psc), run.trials, _fill_missing(params) if glm.motion_confounds else None, ref_s)
+        for (run, psc, params), ref_s in zip(psc_runs, slice_time_refs_s, strict=True)
+    ]
+    selection = glm.hrf_selection
+    if selection == "crossval" and len(runs) < 2:
+        logger.warning(
+            "glm.hrf_selection: crossval holds out one run at a time, but the session has one run; "
+            "choosing the HRFs by onoff (the ON-OFF model's R^2) instead"
         )
-        total = r2 if total is None else total + r2
-    return np.argmax(total, axis=0).astype(np.int32)
+        selection = "onoff"
+    hrf_index = choose_library_hrf(runs, tr_s, selection, glm.drift_model, glm.drift_order, glm.high_pass_hz)
+    logger.info(
+        "HRF library choice (%s): %d voxels, %d of %d shapes used, %.0f%% at the latest", selection,
+        hrf_index.size, np.unique(hrf_index).size, HRF_LIBRARY_SIZE,
+        100.0 * float(np.mean(hrf_index == HRF_LIBRARY_SIZE - 1)),
+    )
+    return hrf_index.astype(np.int32)
 
 
 def save_betas(result: SessionBetas, directory: str | Path) -> Path:
@@ -886,12 +1014,16 @@ def load_fracridge_fractions(directory: str | Path) -> np.ndarray | None:
 
 
 def _correct_run(
-    run: RunFolder, volumes: list[Volume], mask: VoxelMask, motion: MotionCorrector | None, bar
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Corrected mask values (n_volumes, V) and motion (n_volumes, 6); NaN rows for missing volumes."""
+    run: RunFolder, volumes: list[Volume], mask: VoxelMask, motion: MotionCorrector | None, bar,
+    extra_ijk: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, float, np.ndarray | None]:
+    """Corrected mask values (n_volumes, V), motion (n_volumes, 6), the TR (s), and the values
+    (n_volumes, n_extra) of the reference-grid voxels ``extra_ijk`` (GLMdenoise's candidates, read
+    at their corrected positions like the mask's; None without them); NaN rows for missing volumes."""
     if motion is not None:
         motion.reset()
     rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    extra_rows: dict[int, np.ndarray] = {}
     tr_s = None
     # A run stored in another voxel order than the reference (e.g. SPM-converted) is read through
     # a view in the reference's order, as the live FrontEnd does; another grid is an error.
@@ -903,8 +1035,12 @@ def _correct_run(
         if motion is not None:
             estimate = motion.estimate(data)
             values, params = motion.resample_mask(data, estimate.params, mask.ijk), estimate.params
+            if extra_ijk is not None:
+                extra_rows[volume.index] = motion.resample_mask(data, params, extra_ijk)
         else:
             values, params = mask.values(data), np.zeros(6)
+            if extra_ijk is not None:
+                extra_rows[volume.index] = data[tuple(extra_ijk.T)].astype(np.float32)
         rows[volume.index] = (values, params)
         bar.update(1)
     if tr_s is None or not tr_s > 0:
@@ -914,10 +1050,15 @@ def _correct_run(
     params = np.full((n_volumes, 6), np.nan)
     for index, (v, p) in rows.items():
         values[index], params[index] = v, p
+    extra = None
+    if extra_ijk is not None:
+        extra = np.full((n_volumes, extra_ijk.shape[0]), np.nan, dtype=np.float32)
+        for index, v in extra_rows.items():
+            extra[index] = v
     missing = n_volumes - len(rows)
     if missing:
         logger.warning("%s: %d of %d volumes missing; left out of the GLM", run.label, missing, n_volumes)
-    return values, params, tr_s
+    return values, params, tr_s, extra
 
 
 def _normalise_rows(normaliser: OnlineNormaliser, values: np.ndarray) -> np.ndarray:

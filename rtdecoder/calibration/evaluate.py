@@ -361,11 +361,17 @@ class LiveScorer:
 
 def calibration_test_ids(bundle: SubjectBundle) -> list[str]:
     """The test images (``is_test``) of the bundle's calibration session, from its ``betas/trials.tsv``."""
-    if bundle.directory is None or not (bundle.directory / "betas" / "trials.tsv").is_file():
-        return []
-    with open(bundle.directory / "betas" / "trials.tsv", newline="") as handle:
+    return calibration_stim_ids(bundle, test=True) or []
+
+
+def calibration_stim_ids(bundle: SubjectBundle, test: bool) -> list[str] | None:
+    """The calibration session's test (or training) images, from ``betas/trials.tsv``; None without it."""
+    path = bundle.directory / "betas" / "trials.tsv" if bundle.directory is not None else None
+    if path is None or not path.is_file():
+        return None
+    with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
-    return sorted({row["stim_id"] for row in rows if row.get("is_test") == "true" and row.get("stim_id")})
+    return sorted({row["stim_id"] for row in rows if (row.get("is_test") == "true") == test and row.get("stim_id")})
 
 
 def live_figures(
@@ -462,7 +468,7 @@ def bundle_frontend(
         The run's config (``preprocess`` and ``glm``).
     geometry : SessionGeometry
         :meth:`rtdecoder.session.runner.SessionGeometry.from_bundle`: mask, reference,
-        ``signal_mean`` and HRFs.
+        ``signal_mean`` and HRFs (and its bundle's GLMdenoise components, when it has them).
     trials : sequence of TrialLike
         The run's trials (none: motion and QA only, no GLM).
     tr_s : float
@@ -493,10 +499,17 @@ def bundle_frontend(
         glm_config = glm_config.model_copy(update={"publish_refinements": publish_refinements})
     if glm_config.hrf == "library" and geometry.hrf_index is None:
         glm_config = glm_config.model_copy(update={"hrf": "canonical"})
+    # GLMdenoise's frozen noise components, when the bundle has them: their regressors are extra
+    # confounds of the GLM, as calibration fitted them (passed only then, so a FrontEnd without the
+    # option is built exactly as before).
+    denoise = getattr(getattr(geometry, "bundle", None), "glmdenoise", None)
+    extra: dict[str, Any] = {"n_confounds": denoise.n_components} if denoise is not None else {}
     glm = None if not trials else IncrementalGLM.from_config(
         glm_config, trials, float(tr_s), int(n_volumes), slice_time_ref_s=float(slice_time_ref_s),
-        hrf_per_voxel=geometry.hrf_index if glm_config.hrf == "library" else None,
+        hrf_per_voxel=geometry.hrf_index if glm_config.hrf == "library" else None, **extra,
     )
+    if denoise is not None:
+        return FrontEnd(geometry.mask, glm, normaliser, motion, denoise=denoise).start()
     return FrontEnd(geometry.mask, glm, normaliser, motion).start()
 
 
@@ -726,6 +739,8 @@ def evaluate_session(
         image_metrics["generator"] = config.generator.kind
         seconds["reconstruction"] = time.perf_counter() - started
 
+    trained = calibration_stim_ids(bundle, test=False)
+    trained = None if trained is None else set(trained)
     motion = np.concatenate([r.motion_params for r in replays])
     translation_mm = np.linalg.norm(motion[:, :3], axis=1)
     fd = np.concatenate([r.fd_mm for r in replays])
@@ -739,6 +754,10 @@ def evaluate_session(
         "n_test_trials": len(test_trials),
         "n_test_images": len(test_ids),
         "test_set": test_source,
+        # trials whose image the bundle was trained on (its calibration's training images): they
+        # flatter the figures "among the run's images" (None: the bundle has no betas/trials.tsv)
+        "n_trials_with_calibration_training_images": None if trained is None else sum(
+            t.stim_id in trained for _, t in trials),
         "front_end": {
             "reference": "the bundle's motion reference (as rtdecoder run)",
             "signal_mean": "the bundle's", "hrf": "the bundle's" if config.glm.hrf == "library" else config.glm.hrf,
@@ -844,6 +863,9 @@ def format_table(result: Mapping[str, Any]) -> str:
         f"{result['subject_id']} on {result['session']}: {result['n_runs']} runs, {result['n_trials']} trials, "
         f"test set {result['n_test_images']} images ({result['n_test_trials']} trials: {result['test_set']})"
     )
+    if result.get("n_trials_with_calibration_training_images"):
+        lines.append(f"{result['n_trials_with_calibration_training_images']} trials show images the bundle was "
+                     "trained on (they count in the pools of the run's images)")
     lines.append(
         "front end: the bundle's reference, statistics and HRFs; translation to the reference median "
         f"{_fmt(front['translation_to_reference_mm_median'], 'mm')}, "

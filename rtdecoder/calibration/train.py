@@ -352,8 +352,15 @@ def _check_inputs(
                 f"train: {subject_id}: targets: expected tokens {expected_tokens} "
                 f"(got {tuple(ds.targets.shape[1:])})"
             )
-        if model.lowlevel_head is not None and ds.lowlevel_targets is None:
-            raise ConfigError(f"train: {subject_id}: lowlevel_targets: required by model.lowlevel")
+    without_targets = [s for s, ds in datasets.items() if ds.lowlevel_targets is None]
+    if model.lowlevel_head is not None and without_targets:
+        # Nothing here makes low-level targets (SD-VAE latents of the images): a released checkpoint's
+        # head is kept as it was trained and left out of the loss, rather than refusing to train.
+        log.warning(
+            "model.lowlevel: no low-level targets for %s; the low-level head is frozen and left out of the loss",
+            ", ".join(without_targets),
+        )
+        model.lowlevel_head.requires_grad_(False)
     per_subject = config.batch_size // len(datasets)
     if per_subject < 2 or per_subject % world:
         raise ConfigError(
@@ -464,7 +471,9 @@ def _train_step(
         prior_loss = L.prior_mse(prior_pred, local_targets)
         total = total + config.prior_loss_weight * prior_loss
         metrics["prior"] = prior_loss.item()
-    if lowlevel is not None:
+    if lowlevel is not None and model.lowlevel_head is not None and any(
+        p.requires_grad for p in model.lowlevel_head.parameters()
+    ):
         low_target = torch.cat(lowlevel_targets).to(device)
         low_loss = L.lowlevel_l1(lowlevel, low_target)
         total = total + config.lowlevel_loss_weight * low_loss

@@ -5,7 +5,9 @@ TensorRT), the candidate bank for retrieval, and a generator; :mod:`rtdecoder.co
 from a bundle, a config and a candidate set. The session calls
 :meth:`LiveDecoder.retrieve` for every beta and :meth:`LiveDecoder.reconstruct` when the decode
 queue is short enough (see :mod:`rtdecoder.session.runner`). When the model has the low-level
-head, its image is blended into each reconstruction (MindEye2's 0.75 / 0.25 mix).
+head, its image is blended into each reconstruction (MindEye2's 0.75 / 0.25 mix). With a
+captioner, :meth:`LiveDecoder.caption` captions the prior's tokens (the caption stage after the
+prior, :mod:`rtdecoder.decode.caption`); a trial's reconstruction and caption share one prior sample.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rtdecoder.decode.caption import Captioner
 from rtdecoder.decode.engine import Engine, sample_prior
 from rtdecoder.decode.generators.base import Generator, blend_lowlevel, lowlevel_images
 from rtdecoder.decode.protocol import Decoded
@@ -38,10 +41,15 @@ class LiveState:
         The prior's condition.
     lowlevel : Tensor of shape (1, C, S, S) or None
         The low-level head's output, kept only when it is blended in.
+    prior_tokens : Tensor of shape (1, T, D) or None
+        The prior's sample once drawn (by the reconstruction or the caption, whichever comes first),
+        with ``prior_seed``, the seed it was drawn with.
     """
 
     backbone_tokens: torch.Tensor
     lowlevel: torch.Tensor | None = None
+    prior_tokens: torch.Tensor | None = None
+    prior_seed: int | None = None
 
 
 class LiveDecoder:
@@ -69,6 +77,8 @@ class LiveDecoder:
     lowlevel_vae : diffusers.AutoencoderKL, optional
         Decodes a low-level latent (see :func:`~rtdecoder.decode.generators.base.lowlevel_vae_for`);
         ``None``: the low-level output is an RGB image.
+    captioner : Captioner, optional
+        Prior tokens -> caption (:class:`~rtdecoder.decode.caption.GitCaptioner`); ``None``: no captions.
     """
 
     def __init__(
@@ -83,6 +93,7 @@ class LiveDecoder:
         prior_eta: float = 0.0,
         lowlevel_weight: float = 0.0,
         lowlevel_vae: torch.nn.Module | None = None,
+        captioner: Captioner | None = None,
     ) -> None:
         if not 0.0 <= lowlevel_weight <= 1.0:
             raise ConfigError(f"generator.lowlevel_weight: expected a value in [0, 1] (got {lowlevel_weight})")
@@ -96,6 +107,7 @@ class LiveDecoder:
         self.prior_eta = prior_eta
         self.lowlevel_weight = lowlevel_weight
         self.lowlevel_vae = lowlevel_vae
+        self.captioner = captioner
 
     def retrieve(self, beta: np.ndarray, top_k: int, shown_id: str | None = None) -> Decoded:
         """Rank the bank's images for one raw beta map (``n_voxels``,); with ``shown_id``, also
@@ -116,7 +128,7 @@ class LiveDecoder:
         if self.generator is None:
             raise BundleError("reconstruction requested but no generator is loaded (session.reconstruct: false)")
         state = decoded.state
-        tokens = sample_prior(self.engine, state.backbone_tokens, self.prior_steps, eta=self.prior_eta, seed=seed)
+        tokens = self.prior_tokens(decoded, seed)
         images = self.generator.generate(tokens.float().cpu(), n_steps=self.generator_steps, seed=seed)
         if self.lowlevel_weight > 0:
             if state.lowlevel is None:
@@ -130,3 +142,20 @@ class LiveDecoder:
         buffer = io.BytesIO()
         Image.fromarray(images[0]).save(buffer, format="PNG")
         return buffer.getvalue()
+
+    def prior_tokens(self, decoded: Decoded, seed: int) -> torch.Tensor:
+        """The prior's image tokens for a retrieved beta, shape (1, T, D): sampled once per seed and kept in
+        ``decoded.state``, so that the reconstruction and the caption of a trial read the same sample."""
+        state = decoded.state
+        if state.prior_tokens is None or state.prior_seed != seed:
+            state.prior_tokens = sample_prior(self.engine, state.backbone_tokens, self.prior_steps,
+                                              eta=self.prior_eta, seed=seed)
+            state.prior_seed = seed
+        return state.prior_tokens
+
+    def caption(self, decoded: Decoded, seed: int) -> str | None:
+        """The caption of a retrieved beta: the prior's tokens (the reconstruction's, for the same ``seed``)
+        through the captioner; ``None`` without a captioner."""
+        if self.captioner is None:
+            return None
+        return self.captioner.caption(self.prior_tokens(decoded, seed).float())[0]

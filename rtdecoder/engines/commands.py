@@ -7,6 +7,8 @@
     rtdecoder engines check (--bundle BUNDLE | MODEL_DIR --subject sub-01)   # each backend vs torch eager
     rtdecoder engines bench (--bundle BUNDLE | MODEL_DIR --subject sub-01) [--steps 20] [--repeats 20]
     rtdecoder engines train-generator [--config phantom]    # phantom teacher + distilled student
+    rtdecoder engines distill-unclip --images DIR --out OUT [--steps 2] [--config nsd] [--device cuda]
+                                                            # few-step student of the SDXL unCLIP UNet
 
 Engine folders are named ``<backend>-<key>`` by :mod:`rtdecoder.engines.store` (the key: a digest of
 the model's files, the subject and the engine settings of ``--config``'s generator section). With
@@ -62,6 +64,30 @@ def add_engines_commands(groups: argparse._SubParsersAction) -> None:
         "so installs of this source tree start with them",
     )
     train.set_defaults(handler=_train_generator)
+    distil = sub.add_parser(
+        "distill-unclip",
+        help="distil the unCLIP UNet (generator.unclip_weights_path) into a 1-4 step student, by progressive "
+        "distillation; resumable; under torchrun on several GPUs",
+    )
+    distil.add_argument("--images", type=Path, required=True,
+                        help="folder of training images (embedded with the configured embedder, encoded with the "
+                        "teacher's VAE)")
+    distil.add_argument("--out", type=Path, required=True,
+                        help="student folder to write (set generator.unclip_student_path to it); a run killed "
+                        "before the end resumes from OUT/checkpoints when started again")
+    distil.add_argument("--steps", type=int, choices=(1, 2, 4), default=None,
+                        help="student steps (default: generator.student_steps); "
+                        "generator.unclip_distill_teacher_steps must be it times a power of two")
+    distil.add_argument("--config", default="nsd", help="preset name or YAML file (default: nsd)")
+    distil.add_argument("--teacher", type=Path, default=None,
+                        help="teacher weights: a generative-models checkpoint or a diffusers folder with unet/ and "
+                        "vae/ (default: generator.unclip_weights_path)")
+    distil.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    distil.add_argument("--holdout", type=int, default=0,
+                        help="keep the last N images (file-name order) out of training and compare the student "
+                        "and the few-step teacher with the teacher's generator.n_steps images on them at the end")
+    distil.add_argument("--no-progress", action="store_true", help="no progress bars")
+    distil.set_defaults(handler=_distill_unclip)
 
 
 class _Target:
@@ -232,4 +258,23 @@ def _train_generator(args: argparse.Namespace) -> int:
             if source.is_dir() and source.resolve() != (SHIPPED_WEIGHTS_DIR / name / role).resolve():
                 shutil.copytree(source, SHIPPED_WEIGHTS_DIR / name / role, dirs_exist_ok=True)
         print(f"shipped in {SHIPPED_WEIGHTS_DIR / name}")
+    return 0
+
+
+def _distill_unclip(args: argparse.Namespace) -> int:
+    import torch
+
+    from rtdecoder.config import load_config
+    from rtdecoder.decode.generators.distill_unclip import run_distillation
+
+    overrides = {"generator": {"student_steps": args.steps}} if args.steps else None
+    config = load_config(args.config, overrides=overrides)
+    if config.generator.kind != "unclip":
+        raise ConfigError(f"distill-unclip: generator.kind: expected 'unclip' (got {config.generator.kind!r}; the "
+                          "phantom generator is distilled by 'rtdecoder engines train-generator')")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    run_distillation(config, args.images, args.out, teacher_path=args.teacher, device=device, holdout=args.holdout,
+                     progress=not args.no_progress)
+    print(f"unCLIP student ({config.generator.student_steps} steps) in {args.out}; set "
+          f"generator.unclip_student_path: {args.out}")
     return 0

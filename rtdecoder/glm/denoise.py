@@ -8,9 +8,10 @@ Calibration (:func:`fit_glmdenoise`):
 
 1. **Noise pool.** Candidates are the voxels of a brain mask wider than the decoding mask (by
    default an EPI brain mask of the motion reference, :func:`epi_brain_mask`), read at their
-   motion-corrected positions like the mask voxels, minus the decoding mask itself (its voxels
-   carry stimulus-specific responses with little mean response, which an ON-OFF criterion would
-   not see and the components would then remove from the betas). A candidate joins the pool when
+   motion-corrected positions like the mask voxels, minus the decoding mask and a one-voxel
+   margin around it (:func:`noise_pool_candidates`): those voxels carry stimulus-specific
+   responses with little mean response, which an ON-OFF criterion would not see and the
+   components would then remove from the betas. A candidate joins the pool when
    its leave-one-run-out R^2 of an ON-OFF model (all trials one regressor, canonical HRF, the
    run's drift and motion confounds) is below :data:`POOL_R2_CUTOFF_PCT`, as GLMdenoise's
    default: the task does not predict it.
@@ -59,6 +60,10 @@ logger = logging.getLogger(__name__)
 
 #: Leave-one-run-out ON-OFF R^2, percent, below which a candidate voxel joins the noise pool.
 POOL_R2_CUTOFF_PCT = 0.0
+#: Voxels around the decoding mask (a dilation by this many voxels, 26-connected) left out of the
+#: candidates with the mask: partial volume and the motion correction's interpolation carry the
+#: mask's stimulus responses into them.
+POOL_MARGIN_VOXELS = 1
 #: GLMdenoise's ``pcstop``: the chosen count is the first whose gain is within this factor of the best.
 PC_STOP = 1.05
 #: Voxels whose cross-validated R^2 decides the count, when none has a positive R^2 at any count.
@@ -147,13 +152,19 @@ class NoiseComponents:
         n = self.n_pool
         ijk = np.asarray(self.pool_ijk)
         if ijk.ndim != 2 or ijk.shape[1] != 3 or n < 1 or not np.issubdtype(ijk.dtype, np.integer):
-            raise BundleError(f"{where}: pool_ijk: expected integer voxel indices of shape (n_pool, 3) (got {ijk.shape})")
+            raise BundleError(
+                f"{where}: pool_ijk: expected integer voxel indices of shape (n_pool, 3) (got {ijk.shape})"
+            )
         if ijk.min() < 0 or np.any(ijk.max(axis=0) >= np.asarray(grid_shape)):
-            raise BundleError(f"{where}: pool_ijk: expected voxel indices inside the reference grid {tuple(grid_shape)}")
+            raise BundleError(
+                f"{where}: pool_ijk: expected voxel indices inside the reference grid {tuple(grid_shape)}"
+            )
         for name in ("pool_mean", "pool_std"):
             value = np.asarray(getattr(self, name))
             if value.shape != (n,) or not np.all(np.isfinite(value)):
-                raise BundleError(f"{where}: {name}: expected {n} finite values, one per pool voxel (got {value.shape})")
+                raise BundleError(
+                    f"{where}: {name}: expected {n} finite values, one per pool voxel (got {value.shape})"
+                )
         if not np.all(np.asarray(self.pool_std) > 0):
             raise BundleError(f"{where}: pool_std: expected positive values")
         components = np.asarray(self.components)
@@ -208,6 +219,9 @@ class GLMDenoiseFit:
         Candidate voxels (brain mask minus decoding mask).
     n_curve_voxels : int
         Decoding-mask voxels the curve is the median of.
+    pool_index : ndarray of shape (n_pool,), int
+        The pool voxels' columns among the candidates (``components.pool_ijk`` is
+        ``candidate_ijk[pool_index]``).
     """
 
     components: NoiseComponents
@@ -215,6 +229,7 @@ class GLMDenoiseFit:
     cv_r2_pct: np.ndarray
     n_candidates: int
     n_curve_voxels: int
+    pool_index: np.ndarray
 
     @property
     def chosen(self) -> NoiseComponents | None:
@@ -241,6 +256,32 @@ def epi_brain_mask(reference: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
     image = nib.Nifti1Image(np.asarray(reference, dtype=np.float32), np.asarray(affine, dtype=np.float64))
     return np.asarray(compute_epi_mask(image).get_fdata(), dtype=bool)
+
+
+def noise_pool_candidates(brain: np.ndarray, mask: np.ndarray, margin_voxels: int | None = None) -> np.ndarray:
+    """Reference-grid indices of GLMdenoise's candidates: brain voxels away from the decoding mask.
+
+    Parameters
+    ----------
+    brain : ndarray of bool, shape (nx, ny, nz)
+        The brain mask the pool is drawn from.
+    mask : ndarray of bool, shape (nx, ny, nz)
+        The decoding mask; it and ``margin_voxels`` voxels around it are left out.
+    margin_voxels : int, optional
+        Default :data:`POOL_MARGIN_VOXELS`.
+
+    Returns
+    -------
+    ndarray of shape (n_candidates, 3), int64
+        In the grid's C order.
+    """
+    from scipy import ndimage
+
+    excluded = np.asarray(mask, dtype=bool)
+    margin_voxels = POOL_MARGIN_VOXELS if margin_voxels is None else int(margin_voxels)
+    if margin_voxels > 0:
+        excluded = ndimage.binary_dilation(excluded, np.ones((3, 3, 3), dtype=bool), iterations=margin_voxels)
+    return np.argwhere(np.asarray(brain, dtype=bool) & ~excluded).astype(np.int64)
 
 
 def fit_glmdenoise(
@@ -316,13 +357,13 @@ def fit_glmdenoise(
         voxels = np.argsort(-np.max(r2, axis=0), kind="stable")[:FALLBACK_VOXELS]
         logger.warning("GLMdenoise: no decoding-mask voxel has a positive cross-validated R^2; the count is chosen "
                        "on the best %d", voxels.size)
-    curve = np.median(r2[:, voxels], axis=1)
+    curve = np.nanmedian(r2[:, voxels], axis=1)
     n_chosen = choose_n_components(curve)
     logger.info(
         "GLMdenoise: %d of %d noise components chosen (median cross-validated ON-OFF R^2 of %d voxels: %s %%)",
         n_chosen, n_components, voxels.size, " ".join(f"{value:.2f}" for value in curve),
     )
-    return GLMDenoiseFit(components, n_chosen, curve, n_candidates, int(voxels.size))
+    return GLMDenoiseFit(components, n_chosen, curve, n_candidates, int(voxels.size), in_pool[keep])
 
 
 def choose_n_components(curve: np.ndarray, pc_stop: float = PC_STOP) -> int:
@@ -498,14 +539,23 @@ def _onoff_statistics(
             columns.append((column / np.linalg.norm(column))[:, None])
         widths.append(sum(c.shape[1] for c in columns))
     basis = np.hstack(columns)
-    basis_y = basis.T @ y  # (m, V)
-    basis_x = (basis.T @ x)[:, group_of_voxel]  # (m, V)
-    x_voxel = x[:, group_of_voxel]
-    cumulative = lambda a: np.concatenate([np.zeros((1, a.shape[1])), np.cumsum(a, axis=0)])  # noqa: E731
     at = np.asarray(widths)
-    xx = (x_voxel**2).sum(axis=0) - cumulative(basis_x**2)[at]
-    xy = (x_voxel * y).sum(axis=0) - cumulative(basis_x * basis_y)[at]
-    yy = (y**2).sum(axis=0) - cumulative(basis_y**2)[at]
+    basis_y = basis.T @ y  # (m, V)
+
+    def nested(products: np.ndarray) -> np.ndarray:
+        """Sums over the first widths[n] basis rows, for every n: (n_extra + 1, ...)."""
+        cumulative = np.concatenate([np.zeros((1, *products.shape[1:])), np.cumsum(products, axis=0)])
+        return cumulative[at]
+
+    n_voxels = y.shape[1]
+    xx, xy = np.empty((n_extra + 1, n_voxels)), np.empty((n_extra + 1, n_voxels))
+    for group in np.unique(group_of_voxel):
+        cols = group_of_voxel == group
+        column = x[:, group]
+        basis_x = basis.T @ column  # (m,)
+        xx[:, cols] = (float(column @ column) - nested(basis_x**2))[:, None]
+        xy[:, cols] = column @ y[:, cols] - nested(basis_x[:, None] * basis_y[:, cols])
+    yy = (y**2).sum(axis=0) - nested(basis_y**2)
     return np.maximum(xx, 0.0), xy, np.maximum(yy, 0.0)
 
 

@@ -78,8 +78,8 @@ def phantom_candidates(config: RTDecoderConfig, bundle: SubjectBundle, device: s
 
 
 def phantom_live_decoder(bundle: SubjectBundle, config: RTDecoderConfig, device: str = "cpu") -> LiveDecoder:
-    """The demo's decoder: phantom candidates (or the configured ones) and the distilled phantom student
-    (or unCLIP when configured)."""
+    """The demo's decoder: phantom candidates (or the configured ones), the distilled phantom student
+    (or unCLIP when configured) and the phantom captioner (or the configured GIT, ``caption.git_weights_dir``)."""
     from rtdecoder.compose import build_live_decoder, load_generator
     from rtdecoder.phantom.distill import load_or_distill_phantom_student
 
@@ -90,4 +90,19 @@ def phantom_live_decoder(bundle: SubjectBundle, config: RTDecoderConfig, device:
         else:
             generator = load_generator(config, device)
     return build_live_decoder(bundle, config, phantom_candidates(config, bundle, device), generator,
-                              generator_steps=steps, device=device)
+                              generator_steps=steps, device=device, captioner=phantom_captioner(config, device))
+
+
+def phantom_captioner(config: RTDecoderConfig, device: str = "cpu") -> Any:
+    """The configured captioner (:func:`rtdecoder.compose.load_captioner`) when ``caption.git_weights_dir`` is
+    set, else the phantom world's own (:func:`rtdecoder.phantom.captions.load_or_train_phantom_captioner`);
+    ``None`` with ``caption.enabled: false``."""
+    if not config.caption.enabled:
+        return None
+    if config.caption.git_weights_dir:
+        from rtdecoder.compose import load_captioner
+
+        return load_captioner(config, device)
+    from rtdecoder.phantom.captions import load_or_train_phantom_captioner
+
+    return load_or_train_phantom_captioner(config, device=device)

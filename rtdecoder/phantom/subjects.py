@@ -17,11 +17,11 @@ The forward model for one run, in percent signal change (PSC) of each brain voxe
   drawn from the inverse-logit family (:func:`inverse_logit_hrf`, Lindquist & Wager 2007), not
   from the double gammas of the GLM's library (:mod:`rtdecoder.glm.hrf`), so that choosing HRFs
   from that library is tested on shapes it does not contain. Time to peak, width and undershoot
-  vary between subjects and within a subject by about as much as measured HRFs do (time to peak
-  about 5.5 +- 0.8 s). Each voxel takes one shape, by a smooth field so that neighbours peak at
-  similar times. A trial's response is the HRF convolved with the ``image_s`` boxcar, scaled to
-  a peak of 1, so a beta is the response's peak height in PSC. Responses are sampled at each
-  slice's acquisition time.
+  vary between subjects and within a subject by about as much as measured HRFs do (a subject's
+  mean time to peak is drawn around 5.5 s, its shapes spread about 0.7 s around it). Each voxel
+  takes one shape, by a smooth field so that neighbours peak at similar times. A trial's response
+  is the HRF convolved with the ``image_s`` boxcar, scaled to a peak of 1, so a beta is the
+  response's peak height in PSC. Responses are sampled at each slice's acquisition time.
 * **Noise** (every brain voxel): AR(1) noise, cardiac (~1.1 Hz) and respiratory (~0.3 Hz) signals
   sampled at the slice times (so aliased at the TR) and strongest near CSF, and a polynomial
   drift of degree 3. Total noise std is :data:`NOISE_PSC` percent; ``phantom.physio_fraction``
@@ -75,7 +75,7 @@ STIMULUS_SHARE = 0.8
 #: Distance (mm) that turns rotations into mm when sizing motion (a head radius, as for FD).
 HEAD_RADIUS_MM = 50.0
 _SMOOTH_FIELD_MM = 6.0
-# Dispersion of the inverse-logit HRF's recovery from its undershoot, s (slow, as measured).
+# Dispersion of the inverse-logit HRF's recovery from its undershoot, s: a slow return to baseline.
 _RECOVERY_DISPERSION_S = 1.6
 
 
@@ -293,10 +293,11 @@ def subject_hrf_shapes(seed: int, subject: int) -> np.ndarray:
 
     Drawn so that they vary as measured HRFs do, more between subjects than within one
     (Aguirre et al. 1998; Handwerker et al. 2004): the subject's mean time to peak is
-    ``N(5.5, 0.4)`` s and its shapes spread ``N(0, 0.7)`` s about it (clipped to 4-8 s); the width
-    grows with latency, ``4.5 + 0.4 (peak - 5.5) + N(0, 0.5)`` s (3-6.5 s, full width at half
-    maximum about the same); the undershoot recovers 4-8 s after the fall with level 0.1-0.5
-    (uniform).
+    ``N(5.5, 0.4)`` s and its shapes spread ``N(0, 0.7)`` s about it (clipped to 3.5-8 s); the
+    width grows with latency, ``5 + 0.4 (peak - 5.5) + N(0, 0.5)`` s (clipped to 3 s and to the
+    lesser of 6.5 s and 0.9 times the time to peak; the full width at half maximum is about 0.2 s
+    less); the undershoot recovers 4-8 s after the fall, with level 0.1-0.5 (both uniform), its
+    trough 9-15 s after the impulse.
 
     Parameters
     ----------
@@ -319,8 +320,10 @@ def subject_hrf_shapes(seed: int, subject: int) -> np.ndarray:
     # Its own stream, so that drawing the HRFs leaves every other field of the subject unchanged.
     rng = np.random.default_rng([seed, 5, subject])
     subject_peak_s = 5.5 + 0.4 * rng.normal()
-    peak_s = np.sort(np.clip(subject_peak_s + 0.7 * rng.normal(size=N_HRF_SHAPES), 4.0, 8.0))
-    width_s = np.clip(4.5 + 0.4 * (peak_s - 5.5) + 0.5 * rng.normal(size=N_HRF_SHAPES), 3.0, 6.5)
+    peak_s = np.sort(np.clip(subject_peak_s + 0.7 * rng.normal(size=N_HRF_SHAPES), 3.5, 8.0))
+    width_s = 5.0 + 0.4 * (peak_s - 5.5) + 0.5 * rng.normal(size=N_HRF_SHAPES)
+    # At most 0.9 of the time to peak: a wider early response would have begun before the impulse.
+    width_s = np.clip(width_s, 3.0, np.minimum(6.5, 0.9 * peak_s))
     lag_s = rng.uniform(4.0, 8.0, N_HRF_SHAPES)
     ratio = rng.uniform(0.1, 0.5, N_HRF_SHAPES)
     return np.column_stack([peak_s, width_s, lag_s, ratio])

@@ -17,19 +17,23 @@ B-spline whose coefficients are the voxel values (no prefilter):
 i.e. the data lightly smoothed (``[1, 4, 1] / 6`` along each axis at the grid points). The
 reference's values and gradients at the sample points are this model's (computed once), and each
 iteration evaluates the same model of the moving volume at the moved points
-(:func:`sample_cubic_bspline`). Why: the Gauss-Newton fixed point is unbiased only when the change
-of the sampled moving values with the parameters matches the reference gradients used. The first
-version sampled the moving volume trilinearly but took central-difference gradients of the raw
-reference at the grid points; for a sub-voxel shift ``s`` a trilinear sample moves with the
-one-sided difference while the true image moves with its derivative, so each spatial frequency
-``w`` (radians per voxel) came out ``w / sin(w)`` times too large, which on real EPI volumes
-overestimated 0.1-0.5 mm / 0.1-0.5 degree motions by 15-45 % (about right at 2 mm, where the
-sample points sit at all fractional offsets). With the B-spline model on both sides the same ratio
-is ``w (2 + cos w) / (3 sin w) = 1 + w^4 / 180 + ...``: under 1 % below 1 rad per voxel, 2-3 % on
-real volumes (``bench/bench_motion.py``). A prefiltered (interpolating) spline would not do better:
-a discrete prefilter scales the model's values and its derivative alike and so leaves that ratio
-as it is, while it costs a pass over the whole moving volume; the unfiltered model costs 64
-voxel reads per sample point and no per-volume pass.
+(:func:`sample_cubic_bspline`).
+
+Why: the Gauss-Newton fixed point is unbiased only when the way the sampled moving values change
+with the parameters is the way the reference gradients say they do. The first version sampled the
+moving volume trilinearly but used central-difference gradients of the raw reference at the grid
+points. For a sub-voxel shift a trilinear sample changes with the one-sided difference of the
+data, while the moved image changes with its true derivative, so the fit answered ``w / sin(w)``
+times the truth at spatial frequency ``w`` (radians per voxel): on real EPI volumes 0.1-0.5 mm /
+0.1-0.5 degree motions came out 1.3-1.65 times the truth (worst parameter), and 2 mm ones within
+8 %, since larger shifts put the sample points at all fractional offsets. With the B-spline model
+on both sides the ratio is ``w (2 + cos w) / (3 sin w) = 1 + w^4 / 180 + ...``: within 4.2 % at
+every size on the same volumes (``bench/bench_motion.py``; SimpleITK's rigid registration is
+within 1.7-4 % there). A prefiltered (interpolating) spline does not do better: a discrete
+prefilter scales the model's values and its derivative alike, which leaves that ratio as it is
+(measured: 5-7 % against 2-3 % for quintic-spline moves), and costs a pass over the whole moving
+volume (9 ms at NSD size); the unfiltered model costs 64 voxel reads per sample point instead of
+8, and no per-volume pass.
 
 Parameter convention
 --------------------
@@ -63,8 +67,8 @@ from rtdecoder.ingest.volume import Volume
 logger = logging.getLogger(__name__)
 
 FD_RADIUS_MM = 50.0
-# Sample points and mask voxels must keep a margin from the grid edge so that central-difference
-# gradients exist and moderate motion does not push them out of the field of view.
+# Sample points and mask voxels must keep a margin from the grid edge so that the B-spline model's
+# 3-voxel stencil fits and moderate motion does not push them out of the field of view.
 _EDGE_MARGIN_VOXELS = 2
 # The sampling region is the given mask grown by this much, so the brain's outer edge (the
 # strongest gradients, and the ones that pin translations down) is included.
@@ -482,6 +486,10 @@ class MotionCorrector:
 
     def estimate(self, volume_data: np.ndarray) -> MotionEstimate:
         """Estimate the rigid motion of one volume relative to the reference.
+
+        The fit starts from the previous volume's estimate (see :attr:`params_`); a volume whose
+        fit does not converge within ``max_iterations`` is still reported (``converged=False``),
+        e.g. a sudden turn of tens of degrees, which needs more iterations.
 
         Parameters
         ----------

@@ -3,7 +3,9 @@
 It runs any :class:`~rtdecoder.decode.protocol.BetaDecoder`. A slow decode never delays a volume
 or a beta: betas are queued by the session thread and decoded here; a reconstruction is skipped
 (``reconstruction: skipped_backlog``) when more than ``session.max_decode_backlog`` betas wait
-behind it. Retrievals are never dropped.
+behind it. Retrievals are never dropped. A decoder with a ``caption`` method (the live decoder
+with a captioner) also captions every beta whose reconstruction is made or is off (``caption``,
+``caption_ms``); a caption that fails is logged and reported, and the decode goes out without it.
 """
 
 from __future__ import annotations
@@ -140,6 +142,8 @@ class DecodeWorker:
             payload.image_png = self.decoder.reconstruct(decoded, seed=trial_seed(job.trial_id))
             payload.reconstruction = "done"
             payload.reconstruction_ms = 1000 * (time.perf_counter() - reconstruct_started)
+        if payload.reconstruction != "skipped_backlog":
+            self._caption(job, decoded, payload)
         payload.decode_ms = 1000 * (time.perf_counter() - started)
         data = payload.to_map()
         message = self.publish("decode", data, dict(job.t))
@@ -147,6 +151,22 @@ class DecodeWorker:
             self.on_decoded(job, data, message)
         logger.info("%s decode %s: top-1 %s (%s)", job.run, job.trial_id,
                     decoded.ids[0] if decoded.ids else "-", data["reconstruction"])
+
+    def _caption(self, job: DecodeJob, decoded: Any, payload: DecodeData) -> None:
+        """The caption stage, after the reconstruction (whose prior sample it reuses, same seed)."""
+        caption = getattr(self.decoder, "caption", None)
+        if not callable(caption):
+            return
+        started = time.perf_counter()
+        try:
+            text = caption(decoded, seed=trial_seed(job.trial_id))
+        except Exception as err:  # the retrieval and the image still go out
+            logger.exception("captioning %s failed", job.trial_id)
+            self.publish("status", {"state": "decode_error", "run": job.run, "trial_id": job.trial_id,
+                                    "message": f"caption: {type(err).__name__}: {err}"}, {})
+            return
+        if text is not None:
+            payload.caption, payload.caption_ms = text, 1000 * (time.perf_counter() - started)
 
 
 def trial_seed(trial_id: str) -> int:

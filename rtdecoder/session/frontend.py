@@ -8,6 +8,11 @@ Volumes may arrive in another voxel order than the bundle's grid (e.g. converted
 which reverses the DICOM's second axis): the same grid, so each volume is read through a view in
 the grid's order (:class:`~rtdecoder.preprocess.orientation.VolumeReorienter`, decided once per
 run from the first volume's affine and logged once). A volume on another grid is an error.
+
+With GLMdenoise noise components (the bundle's :class:`~rtdecoder.glm.denoise.NoiseComponents`),
+each volume's noise-pool voxels are also read at their motion-corrected positions and projected
+onto the calibration's spatial components; the values are the volume's extra nuisance columns of
+the GLM, exactly as calibration computed them for its own runs.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rtdecoder.errors import OrderError, VolumeError
+from rtdecoder.errors import ConfigError, OrderError, VolumeError
+from rtdecoder.glm.denoise import NoiseComponents
 from rtdecoder.glm.incremental import IncrementalGLM, TrialBeta
 from rtdecoder.ingest.volume import Volume
 from rtdecoder.preprocess.mask import OnlineNormaliser, VoxelMask
@@ -39,12 +45,16 @@ class ProcessedVolume:
         Motion relative to the reference (``None`` when correction is off or the volume is missing).
     betas : list of TrialBeta
         Betas released or refined by this volume.
+    confounds : ndarray of shape (n_components,), float64, or None
+        The volume's GLMdenoise noise regressors (unitless), which entered the GLM with ``values``
+        (and must be journaled with them to replay the volume); ``None`` without noise components.
     """
 
     tr_index: int
     values: np.ndarray | None
     motion: MotionEstimate | None
     betas: list[TrialBeta]
+    confounds: np.ndarray | None = None
 
     @property
     def missing(self) -> bool:
@@ -65,11 +75,16 @@ class FrontEnd:
         Maps raw mask values to the units the GLM and the model expect.
     motion : MotionCorrector or None
         Its reference already set, on the mask's grid; ``None`` reads the mask voxels as they are.
+    denoise : NoiseComponents or None
+        GLMdenoise's frozen components (the bundle's ``glmdenoise``), their pool on the mask's grid;
+        the GLM must have been built with ``n_confounds`` equal to their count.
 
     Raises
     ------
     VolumeError
         If the motion reference is not on the mask's grid.
+    ConfigError
+        If the GLM's extra confound columns do not match the noise components.
     """
 
     def __init__(
@@ -78,12 +93,23 @@ class FrontEnd:
         glm: IncrementalGLM | None,
         normaliser: OnlineNormaliser,
         motion: MotionCorrector | None = None,
+        denoise: NoiseComponents | None = None,
     ) -> None:
         self.mask = mask
         self.glm = glm
         self.normaliser = normaliser
         self.motion = motion
+        self.denoise = denoise
         self._mask_ijk = mask.ijk
+        n_components = denoise.n_components if denoise is not None else 0
+        if glm is not None and int(glm.n_confounds) != n_components:
+            raise ConfigError(
+                f"FrontEnd: the GLM has {glm.n_confounds} extra confound columns but the GLMdenoise components "
+                f"number {n_components}; expected IncrementalGLM(n_confounds={n_components})"
+            )
+        if denoise is not None:
+            denoise.check(mask.shape, "FrontEnd: glmdenoise")
+            self._pool_ijk = np.asarray(denoise.pool_ijk, dtype=np.intp)
         if motion is not None and hasattr(motion, "affine_"):
             match = find_grid_transform(motion.shape_, motion.affine_, mask.shape, mask.affine)
             if not (match.matches() and match.transform.is_identity):
@@ -116,19 +142,36 @@ class FrontEnd:
         else:
             raw, estimate, motion_params = self.mask.values(data), None, np.zeros(6)
         values = self.normaliser.normalise(raw)
-        betas = self.glm.update(volume.index, values, motion_params) if self.glm is not None else []
+        confounds = None
+        if self.denoise is not None and self.glm is not None:
+            # The pool is read like the mask: at the positions its voxels had in the reference.
+            if self.motion is not None:
+                pool = self.motion.resample_mask(data, motion_params, self._pool_ijk)
+            else:
+                pool = np.asarray(data)[tuple(self._pool_ijk.T)].astype(np.float32)
+            confounds = self.denoise.regressors(pool)
+        betas = self.glm.update(volume.index, values, motion_params, confounds) if self.glm is not None else []
         volume.times.processed_s = time.time()
-        return ProcessedVolume(volume.index, values, estimate, betas)
+        return ProcessedVolume(volume.index, values, estimate, betas, confounds)
 
-    def replay(self, tr_index: int, values: np.ndarray, motion_params: np.ndarray) -> list[TrialBeta]:
-        """Feed an already-preprocessed volume (from the journal) to the GLM."""
+    def replay(
+        self, tr_index: int, values: np.ndarray, motion_params: np.ndarray, confounds: np.ndarray | None = None
+    ) -> list[TrialBeta]:
+        """Feed an already-preprocessed volume (from the journal) to the GLM.
+
+        ``confounds`` are the volume's journaled noise regressors (:attr:`ProcessedVolume.confounds`),
+        required with GLMdenoise components.
+        """
         self._require_started("replay")
         if self.motion is not None and motion_params is not None:
             # The next live volume's FD is measured from the last journaled estimate, not from zero.
             self.motion.continue_from(motion_params)
         if self.glm is None:
             return []
-        return self.glm.update(tr_index, np.asarray(values, dtype=np.float32), np.asarray(motion_params))
+        return self.glm.update(
+            tr_index, np.asarray(values, dtype=np.float32), np.asarray(motion_params),
+            None if confounds is None else np.asarray(confounds, dtype=np.float64),
+        )
 
     def missing(self, tr_index: int) -> ProcessedVolume:
         """Leave a volume that never arrived out of the model."""

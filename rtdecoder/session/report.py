@@ -2,7 +2,10 @@
 
 Motion trace, per-volume and per-trial latency histograms, beta readiness (seconds from onset to
 the first beta), retrieval accuracy, and a gallery of reconstructions beside the images that were
-shown and thumbnails of the top retrieved candidates (the shown one framed). Plots and images are
+shown, each one's decoded caption (when captions are on) and thumbnails of the top retrieved candidates (the
+shown one framed). Given the bundle's
+model (``live``), also the live figures: single-trial retrieval at the first beta, after
+refinements and at the run's end, scored from the journaled beta maps. Plots and images are
 PNGs embedded in the page, so the report is one self-contained file.
 """
 
@@ -31,6 +34,8 @@ def write_report(
     candidate_image: Callable[[str], np.ndarray | None] | None = None,
     thumbnails_per_trial: int = 5,
     thumbnail_px: int = 64,
+    live: Any | None = None,
+    slow_after_onset_s: float | None = 29.5,
 ) -> dict[str, Any]:
     """Write ``out_path`` (HTML) for one run of a session; returns the figures it shows.
 
@@ -58,6 +63,18 @@ def write_report(
         Retrieved candidates shown per trial (at most the session's ``retrieval_top_k``).
     thumbnail_px : int, default=64
         Edge of each candidate thumbnail, pixels.
+    live : LiveScorer, optional
+        The bundle's model with the shown images' tokens
+        (:class:`rtdecoder.calibration.evaluate.LiveScorer`): the journaled beta maps are scored
+        for the live figures (``figures["live"]``): single-trial retrieval at the first beta
+        ("fast"), after refinements ("slow") and at the run's end, among the run's images and
+        among the scorer's test set (:func:`rtdecoder.calibration.evaluate.live_figures`). The
+        decode messages cannot give them: they rank among the decoder's candidates, only their
+        top ones, and only for the betas decoded (first betas, unless ``session.decode_updates``
+        / ``decode_final``).
+    slow_after_onset_s : float or None, default=29.5
+        "slow" is each trial's latest beta at most this long after onset (``None``: its last
+        refinement).
     """
     import matplotlib
 
@@ -89,6 +106,9 @@ def write_report(
         "trials": len(firsts),
         "decoded": len(decodes),
         "reconstructed": sum(m.data.get("reconstruction") == "done" for m in decodes),
+        "captioned": sum(bool(m.data.get("caption")) for m in decodes),
+        "caption_ms_median": _q(np.array([m.data["caption_ms"] for m in decodes if m.data.get("caption_ms")
+                                          is not None]), 50),
         "volume_latency_ms_median": _q(volume_ms, 50),
         "volume_latency_ms_p95": _q(volume_ms, 95),
         "decode_latency_ms_median": _q(trial_ms, 50),
@@ -100,6 +120,8 @@ def write_report(
         "shown_rank_median": _q(ranks, 50),
         "shown_rank_chance_median": (n_candidates + 1) / 2 if n_candidates else None,
     }
+    if live is not None:
+        figures["live"] = _live_figures(messages, tr_s, live, slow_after_onset_s)
 
     plots = []
     fd = [m.data["fd_mm"] for m in present]
@@ -137,6 +159,7 @@ def write_report(
         gallery.append((
             m.data["trial_id"], m.data.get("stim_id"), _img_tag(shown),
             _img_tag_png(m.data.get("image_png")) or html.escape(str(m.data.get("reconstruction"))),
+            html.escape(str(m.data.get("caption") or "-")),
             _retrieved(m.data, thumbnails, thumbnails_per_trial),
         ))
     Path(out_path).write_text(_page(run, figures, plots, gallery))
@@ -187,6 +210,21 @@ def _retrieved(data: dict[str, Any], thumbnails: _Thumbnails, n: int) -> str:
     return "".join(cells)
 
 
+def _live_figures(messages: list[Any], tr_s: float, scorer: Any, slow_after_onset_s: float | None) -> dict[str, Any]:
+    """Fast / slow / end-of-run retrieval of the run's journaled beta maps, scored with the bundle's model."""
+    from rtdecoder.calibration.evaluate import STAGES, LiveBeta, collect_stages, live_figures
+
+    betas = [LiveBeta.from_message(m.data, tr_s) for m in messages if m.topic == "beta"]
+    if not any(b.beta is not None for b in betas):
+        return {stage: {"n_trials": 0, "note": "no beta maps journaled (session.publish_beta_maps: false)"}
+                for stage in STAGES}
+    selector = collect_stages(betas, slow_after_onset_s)
+    figures = live_figures(selector.stages(), scorer)
+    if not selector.n_updates:  # the first beta would stand in for every trial's "slow"
+        figures["slow"] = {"n_trials": 0, "note": "no refinements journaled (glm.publish_refinements: false)"}
+    return figures
+
+
 def _ready_s(message: Any, tr_s: float) -> float:
     # Frame time of the volume the beta came from, minus the trial's onset.
     return message.data["tr_index"] * tr_s - message.data["onset_s"]
@@ -228,15 +266,40 @@ def _cell(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else html.escape(str(value))
 
 
+def _live_table(live: dict[str, Any] | None) -> str:
+    """The live figures as an HTML table: a row per stage, image / brain top-1 and top-5 per pool."""
+    if not live:
+        return ""
+    keys = ("image_top1", "image_top5", "brain_top1", "brain_top5")
+    head = "".join(f"<th>{pool} {k.replace('_', ' ')}</th>" for pool in ("run", "test set") for k in keys)
+    rows = []
+    for stage, entry in live.items():
+        if not entry.get("n_trials"):
+            rows.append(f"<tr><td>{html.escape(stage)}</td><td colspan='10'>{html.escape(entry.get('note', ''))}"
+                        "</td></tr>")
+            continue
+        cells = "".join(
+            f"<td>{100 * entry[pool][k]:.1f}%</td>" if k in entry.get(pool, {}) else "<td>-</td>"
+            for pool in ("run", "test_set") for k in keys
+        )
+        rows.append(f"<tr><td>{html.escape(stage)}</td><td>{entry['after_onset_s_median']:.1f} s</td>"
+                    f"<td>{entry['n_trials']}</td>{cells}</tr>")
+    pools = next((f"run pools of {e['run'].get('pool_size_mean', '?')} images on average, test set of "
+                  f"{e['test_set'].get('image_pool_size', '?')}" for e in live.values() if e.get("n_trials")), "")
+    return (f"<h2>Live figures (single trials; {html.escape(pools)})</h2><table><tr><th>stage</th>"
+            f"<th>after onset</th><th>trials</th>{head}</tr>{''.join(rows)}</table>")
+
+
 def _page(run: str, figures: dict[str, Any], plots: list[tuple[str, str]], gallery: list[tuple]) -> str:
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_cell(v)}</td></tr>" for k, v in figures.items())
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_cell(v)}</td></tr>" for k, v in figures.items()
+                   if k != "live")
     plot_html = "".join(
         f'<h3>{html.escape(t)}</h3><img src="data:image/png;base64,{data}">' for t, data in plots
     )
     cells = "".join(
         f"<tr><td>{html.escape(tid)}</td><td>{html.escape(str(sid))}</td><td>{seen}</td><td>{rec}</td>"
-        f"<td>{top}</td></tr>"
-        for tid, sid, seen, rec, top in gallery
+        f"<td class='caption'>{caption}</td><td>{top}</td></tr>"
+        for tid, sid, seen, rec, caption, top in gallery
     )
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
@@ -246,9 +309,10 @@ def _page(run: str, figures: dict[str, Any], plots: list[tuple[str, str]], galle
         "figure.cand{display:inline-block;margin:2px 4px;text-align:center;font-size:11px;max-width:90px}"
         "figure.cand img{border:2px solid transparent}figure.cand.hit img{border-color:#2a2}"
         "figure.cand.hit figcaption{color:#2a2;font-weight:bold}figcaption{overflow-wrap:anywhere}"
-        "p.rank{margin:2px 4px;font-size:12px}</style></head><body>"
-        f"<h1>rtdecoder: {html.escape(run)}</h1><h2>Figures</h2><table>{rows}</table>"
+        "p.rank{margin:2px 4px;font-size:12px}td.caption{max-width:220px;font-style:italic}</style></head><body>"
+        f"<h1>rtdecoder: {html.escape(run)}</h1><h2>Figures</h2><table>{rows}</table>{_live_table(figures.get('live'))}"
         f"<h2>Plots</h2>{plot_html}"
         "<h2>Reconstructions</h2><table><tr><th>trial</th><th>stimulus</th><th>seen</th>"
-        f"<th>reconstruction</th><th>retrieved (top candidates, cosine score)</th></tr>{cells}</table></body></html>"
+        "<th>reconstruction</th><th>caption (decoded)</th>"
+        f"<th>retrieved (top candidates, cosine score)</th></tr>{cells}</table></body></html>"
     )

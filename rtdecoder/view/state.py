@@ -14,7 +14,8 @@ Events (``k`` is the kind; every one carries the ``seq`` of the message it came 
   published), backlog (betas waiting for their decode), seq]``;
 - ``trial``: one decode (``trial_id``, ``stim_id``, top-k ``ids`` and ``scores``, ``shown_rank``
   of ``n_candidates``, ``margin`` = first minus second score, ``reconstruction`` state and
-  ``image`` (whether ``/recon/<seq>`` has it), ``decode_ms``, ``latency_ms`` (file complete to
+  ``image`` (whether ``/recon/<seq>`` has it), ``caption`` (the decoded caption or ``None``) and
+  ``caption_ms``, ``decode_ms``, ``latency_ms`` (file complete to
   decode published), ``backlog`` (the decoder's, when it skipped the reconstruction), ``waiting``
   (betas still waiting after it), ``tr_index`` = the run's latest volume);
 - ``state``: a status message worth keeping (a run started, ended or stopped, a file problem,
@@ -54,6 +55,13 @@ def finite(value: Any, digits: int = 4) -> float | None:
     except (TypeError, ValueError):
         return None
     return round(number, digits) if math.isfinite(number) else None
+
+
+def _caption(value: Any) -> str | None:
+    """A decode's caption as the page shows it: one line, at most 300 characters (a bounded event)."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return " ".join(value.split())[:300]
 
 
 def _ms(later: Any, earlier: Any) -> float | None:
@@ -244,6 +252,7 @@ class ViewState:
             "margin": margin, "reconstruction": reconstruction, "image": has_image,
             "decode_ms": finite(data.get("decode_ms"), 1), "retrieval_ms": finite(data.get("retrieval_ms"), 1),
             "reconstruction_ms": finite(data.get("reconstruction_ms"), 1),
+            "caption": _caption(data.get("caption")), "caption_ms": finite(data.get("caption_ms"), 1),
             "latency_ms": _ms(t.get("published"), t.get("file_complete")),
             "backlog": data.get("backlog", len(run.pending)), "waiting": len(run.pending), "tr_index": run.last_tr,
             "seq": message.seq, "t": t.get("published"),

@@ -17,12 +17,18 @@ addition embedding computes when the pooled text embedding is empty.
 
 Few-step sampling uses the same sampler with ``timestep_spacing="trailing"``, so even one step
 starts from pure noise (``"leading"`` would start a 1-step schedule at t=1, an almost clean image).
+
+A distilled student (:mod:`rtdecoder.decode.generators.distill_unclip`, ``rtdecoder engines
+distill-unclip``) is a diffusers folder of the same layout: :func:`load_unclip_student` reads it,
+and it samples with the same Euler sampler, without guidance (it was folded in), at
+``generator.student_steps`` steps.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +41,8 @@ from rtdecoder.errors import BundleError, DecoderError
 logger = logging.getLogger(__name__)
 
 UNET_PREFIX = "model.diffusion_model."
+#: A student folder's record of how it was distilled; written last, so its presence marks a complete folder.
+STUDENT_META_NAME = "distillation.json"
 VAE_PREFIX = "first_stage_model."
 
 # sgm ResBlock -> diffusers ResnetBlock2D.
@@ -386,6 +394,61 @@ class UnclipGenerator:
         return to_uint8(images)
 
 
+def _load_diffusers_part(cls: type, folder: Path, part: str) -> torch.nn.Module:
+    """One diffusers model from ``folder/part`` (config.json + diffusion_pytorch_model*.safetensors, shards too).
+
+    Built on the meta device and given the file's tensors, as :func:`load_unclip_models` does: no
+    random initialisation of 2.5 B parameters first, and no second copy in memory.
+    """
+    from safetensors.torch import load_file
+
+    where = folder / part
+    # The one file or its shards; not variants such as diffusion_pytorch_model.fp16.safetensors.
+    files = sorted(p for p in where.glob("diffusion_pytorch_model*.safetensors")
+                   if re.fullmatch(r"diffusion_pytorch_model(-\d+-of-\d+)?\.safetensors", p.name))
+    if not (where / "config.json").is_file() or not files:
+        raise BundleError(f"{folder}: expected a diffusers folder with {part}/config.json and "
+                          f"{part}/diffusion_pytorch_model.safetensors")
+    with torch.device("meta"):
+        model = cls.from_config(cls.load_config(where))
+    weights: dict[str, torch.Tensor] = {}
+    for path in files:
+        weights.update(load_file(str(path)))
+    _load_into(model, weights, part, str(where))
+    return model
+
+
+def load_unclip_folder(folder: str | Path) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Read a diffusers folder with ``unet/`` and ``vae/`` (as :func:`save_diffusers_folder` writes it).
+
+    Returns
+    -------
+    (UNet2DConditionModel, AutoencoderKL), float32 on the CPU, in eval mode.
+
+    Raises
+    ------
+    BundleError
+        When a part is missing or is not an image-token unCLIP UNet (cross-attention and the
+        ``text_time`` vector condition).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    folder = Path(folder)
+    unet = _load_diffusers_part(UNet2DConditionModel, folder, "unet")
+    vae = _load_diffusers_part(AutoencoderKL, folder, "vae")
+    if unet.config.cross_attention_dim is None or unet.config.addition_embed_type != "text_time":
+        raise BundleError(f"{folder / 'unet'}: not an unCLIP UNet (expected cross-attention on image tokens and "
+                          "addition_embed_type 'text_time')")
+    return unet.float().eval(), vae.float().eval()
+
+
+def load_unclip_teacher(source: str | Path, image_size_px: int = 768) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The (UNet, VAE) of a generative-models checkpoint file (SDXL layout) or of a diffusers folder."""
+    if Path(source).is_dir():
+        return load_unclip_folder(source)
+    return load_unclip_models(source, sdxl_unclip_unet_config(image_size_px))
+
+
 def load_unclip_generator(
     checkpoint: str | Path,
     image_size_px: int = 768,
@@ -393,11 +456,56 @@ def load_unclip_generator(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> UnclipGenerator:
-    """Convert a generative-models unCLIP checkpoint and wrap it as a :class:`UnclipGenerator`."""
+    """Wrap a generative-models unCLIP checkpoint (converted) or a diffusers folder as a :class:`UnclipGenerator`."""
     if image_size_px % 8:
         raise DecoderError(f"unclip: image_size_px: expected a multiple of 8 (got {image_size_px})")
-    unet, vae = load_unclip_models(checkpoint, sdxl_unclip_unet_config(image_size_px))
+    unet, vae = load_unclip_teacher(checkpoint, image_size_px)
     return UnclipGenerator(unet.to(device, dtype), vae.to(device, dtype), image_size_px, guidance_scale)
+
+
+def load_unclip_student(
+    folder: str | Path,
+    image_size_px: int = 768,
+    student_steps: int | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> UnclipGenerator:
+    """A distilled unCLIP student (``generator.unclip_student_path``) as an unguided :class:`UnclipGenerator`.
+
+    Parameters
+    ----------
+    folder : str or Path
+        What ``rtdecoder engines distill-unclip --out`` wrote: ``unet/``, ``vae/``, ``distillation.json``.
+    image_size_px : int, default=768
+        Output side; a size other than the one it was distilled at is logged (it still runs).
+    student_steps : int, optional
+        The steps it will be run at (``generator.student_steps``); others than it was distilled
+        for are logged.
+    device : str, default="cpu"
+    dtype : torch.dtype, default=torch.float32
+
+    Raises
+    ------
+    BundleError
+        When the folder, its record or its models are missing (naming ``generator.unclip_student_path``).
+    """
+    folder = Path(folder)
+    meta_path = folder / STUDENT_META_NAME
+    if not meta_path.is_file():
+        raise BundleError(
+            f"{folder}: generator.unclip_student_path: no distilled student here (expected {STUDENT_META_NAME}, "
+            "unet/ and vae/ from 'rtdecoder engines distill-unclip --out'); unset the key to use the teacher"
+        )
+    meta = json.loads(meta_path.read_text())
+    if student_steps is not None and meta.get("steps") != student_steps:
+        logger.warning("%s: distilled for %s steps, run at %d (generator.student_steps)", folder, meta.get("steps"),
+                       student_steps)
+    if meta.get("image_size_px") not in (None, image_size_px):
+        logger.warning("%s: distilled at %s px, run at %d px (generator.image_size_px)", folder,
+                       meta.get("image_size_px"), image_size_px)
+    unet, vae = load_unclip_folder(folder)
+    # No guidance: the teacher's guidance was folded into the student's first round.
+    return UnclipGenerator(unet.to(device, dtype), vae.to(device, dtype), image_size_px, 1.0, name="unclip-student")
 
 
 def save_diffusers_folder(unet: torch.nn.Module, vae: torch.nn.Module, folder: str | Path) -> None:

@@ -330,6 +330,14 @@
       shown.append(rank);
       facts.append(shown);
     }
+    if (t.caption) {
+      const caption = el("span", "caption", "caption: ");
+      caption.append(el("b", null, `“${t.caption}”`));
+      if (t.caption_ms !== null && t.caption_ms !== undefined) {
+        caption.append(document.createTextNode(` (${fmt(t.caption_ms, 0, "ms")})`));
+      }
+      facts.append(caption);
+    }
     const confidence = el("span", null, "confidence (score 1 − score 2): ");
     confidence.append(el("b", null, fmt(t.margin, 3)));
     facts.append(confidence);
