@@ -40,6 +40,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from rtdecoder import __version__
@@ -359,7 +360,7 @@ class SubjectBundle:
         stats_path = directory / "stats.safetensors"
         try:
             stats = load_file(str(stats_path))
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, SafetensorError) as err:
             raise BundleError(f"{stats_path}: cannot read statistics: {err}") from None
         for key in STATS_KEYS:
             if key not in stats:
@@ -539,7 +540,7 @@ def _read_glmdenoise(path: Path, n_components: int) -> NoiseComponents | None:
         return None
     try:
         tensors = load_file(str(path))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise BundleError(f"{path}: cannot read noise components: {err}") from None
     for key in GLMDENOISE_KEYS:
         if key not in tensors:
@@ -562,6 +563,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise BundleError(f"{path}: cannot read: {err.strerror}") from None
     except json.JSONDecodeError as err:
         raise BundleError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    except UnicodeDecodeError as err:
+        raise BundleError(f"{path}: byte {err.start}: not text; expected a JSON object in UTF-8") from None
     if not isinstance(value, dict):
         raise BundleError(f"{path}: expected a JSON object")
     return value

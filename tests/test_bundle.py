@@ -9,7 +9,7 @@ import pytest
 
 from rtdecoder.bundle import SubjectBundle, mask_hash
 from rtdecoder.config import load_config
-from rtdecoder.errors import BundleError
+from rtdecoder.errors import BundleError, DecoderError
 
 
 def _bundle(rng: np.random.Generator) -> SubjectBundle:
@@ -102,3 +102,16 @@ def test_model_must_match_mask(tmp_path, rng) -> None:
     bundle.save(tmp_path / "c", model=right)
     model = SubjectBundle.load(tmp_path / "c").load_model()
     assert isinstance(model.adapters["sub-08"], torch.nn.Linear)
+
+
+@pytest.mark.parametrize("name", ["metadata.json", "config.json", "stats.safetensors", "model/model.safetensors",
+                                  "model/config.json"])
+def test_a_corrupt_bundle_file_is_a_bundle_error_naming_it(tmp_path, rng, name) -> None:
+    from rtdecoder.decode.model import MindEye2
+
+    bundle = _bundle(rng)
+    model_config = bundle.config.model.model_copy(update={"hidden_dim": 16, "n_blocks": 0, "use_prior": False})
+    bundle.save(tmp_path / "b", model=MindEye2(model_config, {bundle.subject_id: bundle.n_voxels}))
+    (tmp_path / "b" / name).write_bytes(bytes(rng.integers(128, 256, 400, dtype=np.uint8)))
+    with pytest.raises(DecoderError, match=name.split("/")[-1].replace(".", r"\.")):
+        SubjectBundle.load(tmp_path / "b").load_model()

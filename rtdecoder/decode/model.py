@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -296,8 +297,10 @@ class MindEye2(nn.Module):
         config_path = directory / CONFIG_NAME
         try:
             payload = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
             raise BundleError(f"{config_path}: cannot read model config: {err}") from None
+        if not isinstance(payload, dict):
+            raise BundleError(f"{config_path}: expected a JSON object")
         if payload.get("_class_name") != cls.__name__:
             raise BundleError(
                 f"{config_path}: _class_name: expected {cls.__name__!r} (got {payload.get('_class_name')!r})"
@@ -315,7 +318,10 @@ class MindEye2(nn.Module):
         if not weights_path.is_file():
             raise BundleError(f"{weights_path}: missing model weights")
         model = cls(config, subjects)
-        state = load_file(str(weights_path), device="cpu")
+        try:
+            state = load_file(str(weights_path), device="cpu")
+        except (OSError, ValueError, SafetensorError) as err:
+            raise BundleError(f"{weights_path}: cannot read model weights: {err}") from None
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise BundleError(
