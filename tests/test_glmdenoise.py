@@ -148,6 +148,8 @@ def test_one_run_or_a_tiny_pool_skips_glmdenoise() -> None:
     few = [DenoiseRun(r.data, r.onoff, r.nuisance, r.candidate_values[:, N_RESPONSIVE : N_RESPONSIVE + 3],
                       r.candidate_onoff) for r in runs]
     assert fit_glmdenoise(few, np.zeros(N_MASK, dtype=np.int64), _candidate_ijk()[:3], 4) is None
+    none = [DenoiseRun(r.data, r.onoff, r.nuisance, r.candidate_values[:, :0], r.candidate_onoff) for r in runs]
+    assert fit_glmdenoise(none, np.zeros(N_MASK, dtype=np.int64), _candidate_ijk()[:0], 4) is None
     with pytest.raises(ConfigError, match="glmdenoise_max_components"):
         fit_glmdenoise(runs, np.zeros(N_MASK, dtype=np.int64), _candidate_ijk(), 0)
 

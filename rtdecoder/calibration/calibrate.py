@@ -425,6 +425,7 @@ def calibrate(
         beta_mean=beta_mean,
         beta_std=beta_std,
         hrf_index=session.hrf_index,
+        glmdenoise=session.glmdenoise,
         embedding_name=embedding_name,
         evaluation=evaluation,
         metadata={

@@ -317,6 +317,10 @@ def fit_glmdenoise(
     group_of_voxel = np.asarray(group_of_voxel, dtype=np.int64)
     candidate_ijk = np.asarray(candidate_ijk, dtype=np.int64)
     n_candidates = candidate_ijk.shape[0]
+    if n_candidates < MIN_POOL_VOXELS_PER_COMPONENT:
+        logger.warning("GLMdenoise: %d noise-pool candidates (brain voxels away from the mask); too few for noise "
+                       "components, none are used", n_candidates)
+        return None
     # Percent R^2 is unchanged by a voxel's offset and scale, so the candidates' raw signal serves.
     candidate_r2 = crossvalidated_r2_pct(
         [r.candidate_values for r in runs], [r.candidate_onoff[None] for r in runs], [r.nuisance for r in runs],

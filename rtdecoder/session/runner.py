@@ -662,7 +662,8 @@ class _Run:
         self.key = key
         self.summary = RunSummary(plan.run)
         self.trials: list[TrialLike] = list(plan.trials)
-        self.history: list[tuple[int, np.ndarray | None, np.ndarray | None]] = []
+        # (tr_index, values, motion, confounds) of every volume so far: a new trial replays them
+        self.history: list[tuple[int, np.ndarray | None, np.ndarray | None, np.ndarray | None]] = []
         self.published_betas: set[tuple[str, str]] = set()
         self.decoded: set[str] = set()
         self.next_index = 0
@@ -770,13 +771,15 @@ class _Run:
             # Per-voxel HRFs are chosen at calibration; without a bundle there is no choice to use.
             logger.info("%s: glm.hrf 'library' needs a calibrated bundle; the canonical HRF is used", self.plan.run)
             glm_config = glm_config.model_copy(update={"hrf": "canonical"})
+        denoise = geometry.bundle.glmdenoise if geometry.bundle is not None else None
         glm = None if not self.trials else IncrementalGLM.from_config(
             glm_config, self.trials, float(start["tr_s"]), self.n_volumes_planned,
             slice_time_ref_s=float(start["slice_time_ref_s"]),
             hrf_per_voxel=geometry.hrf_index if glm_config.hrf == "library" else None,
+            n_confounds=denoise.n_components if denoise is not None else 0,
         )
         self.tsnr = RunningTSNR(geometry.mask.n_voxels)
-        return FrontEnd(geometry.mask, glm, normaliser, motion).start()
+        return FrontEnd(geometry.mask, glm, normaliser, motion, denoise=denoise).start()
 
     # ----------------------------------------------------------------- volumes
 
@@ -898,6 +901,7 @@ class _Run:
             "values": processed.values,
             "motion": motion.params if motion is not None else np.zeros(6),
             "fd_mm": motion.fd_mm if motion is not None else 0.0,
+            "confounds": processed.confounds,  # GLMdenoise's noise regressors, so a resume needs no raw volume
             "t": times,
         })
 
@@ -933,7 +937,8 @@ class _Run:
         released: list[TrialBeta] = []
         announced = {m.data["tr_index"] for m in records.messages if m.topic == "volume"}
         for record in sorted(records.volumes, key=lambda r: r["tr_index"]):
-            released += self._replay_one(record.get("values"), record.get("motion"), record["tr_index"])
+            released += self._replay_one(record.get("values"), record.get("motion"), record["tr_index"],
+                                         record.get("confounds"))
             if record["tr_index"] not in announced:
                 # Journaled, then killed before its message went out: send it now.
                 session.publish("volume", _replayed_volume_data(self.plan.run, record), dict(record.get("t") or {}))
@@ -960,14 +965,16 @@ class _Run:
                     self.plan.run, self.next_index, len(records.volumes), len(pending))
         session.publish("status", {"state": "resumed", "run": self.plan.run, "tr_index": self.next_index}, {})
 
-    def _replay_one(self, values: np.ndarray | None, motion: np.ndarray | None, tr_index: int) -> list[TrialBeta]:
+    def _replay_one(
+        self, values: np.ndarray | None, motion: np.ndarray | None, tr_index: int, confounds: np.ndarray | None = None,
+    ) -> list[TrialBeta]:
         released: list[TrialBeta] = []
         if values is None:
             self.frontend.missing(tr_index)
         else:
-            released = self.frontend.replay(tr_index, values, motion)
+            released = self.frontend.replay(tr_index, values, motion, confounds)
             self.tsnr.update(np.asarray(values))
-        self.history.append((tr_index, values, motion))
+        self.history.append((tr_index, values, motion, confounds))
         self.next_index = max(self.next_index, tr_index + 1)
         return released
 
@@ -988,8 +995,8 @@ class _Run:
         self.frontend = self._new_frontend()
         self.next_index = 0
         released: list[TrialBeta] = []
-        for tr_index, values, motion in history:
-            released += self._replay_one(values, motion, tr_index)
+        for tr_index, values, motion, confounds in history:
+            released += self._replay_one(values, motion, tr_index, confounds)
         for beta in released:
             if (beta.trial_id, "first") not in self.published_betas and not beta.is_update:
                 self._publish_beta(beta, {})
@@ -1055,9 +1062,11 @@ def _announced_trial(record: dict[str, Any]) -> AnnouncedTrial:
     )
 
 
-def _history_entry(processed: ProcessedVolume) -> tuple[int, np.ndarray | None, np.ndarray | None]:
+def _history_entry(
+    processed: ProcessedVolume,
+) -> tuple[int, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     motion = processed.motion.params if processed.motion is not None else (None if processed.missing else np.zeros(6))
-    return processed.tr_index, processed.values, motion
+    return processed.tr_index, processed.values, motion, processed.confounds
 
 
 def _volume_data(run: str, processed: ProcessedVolume, tsnr: float | None) -> dict[str, Any]:
