@@ -289,8 +289,8 @@ def test_torchrun_ranks_average_gradients_and_only_rank_0_writes(tmp_path) -> No
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    # fork, not spawn: the children start with the modules already imported (seconds less on 2 cores)
-    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: after earlier tests ran autograd in this process, forked children cannot use it
+    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0]["writes"] and not ranks[1]["writes"]
     assert du.read_checkpoint_state(tmp_path)["world_size"] == 2
