@@ -431,9 +431,11 @@ class CaptionConfig(Section):
         "stage's time is bounded within the trial window"
     )
     num_beams: int = Field(1, ge=1, le=8, description="1: greedy decoding; more: beam search of this width")
-    cache_dir: str = Field("rtdecoder-cache/captioners", description="phantom world: its captioner, trained on first use")
-    phantom_train_steps: int = Field(1200, ge=1, description="phantom world: optimiser steps of its captioner")
-    phantom_batch_size: int = Field(32, ge=2)
+    cache_dir: str = Field(
+        "rtdecoder-cache/captioners", description="phantom world: its captioner, trained on first use"
+    )
+    phantom_train_steps: int = Field(1000, ge=1, description="phantom world: optimiser steps of its captioner")
+    phantom_batch_size: int = Field(64, ge=2)
     phantom_lr: float = Field(1e-3, gt=0.0)
     phantom_hidden_dim: int = Field(128, ge=16, description="phantom world: width of its GIT text decoder")
 
@@ -602,8 +604,10 @@ def read_saved_config(path: str | Path) -> RTDecoderConfig:
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read config JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
     version = raw.get("_version")
     if version != CONFIG_VERSION:
         raise ConfigError(f"{path}: _version: expected {CONFIG_VERSION} (got {version!r})")

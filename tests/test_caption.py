@@ -29,6 +29,7 @@ from rtdecoder.decode.caption import (
     load_git_captioner,
     main,
     map_r2,
+    tidy_caption,
 )
 from rtdecoder.decode.protocol import Decoded
 from rtdecoder.errors import BundleError
@@ -168,7 +169,7 @@ def test_git_captioner_shapes_token_budget_and_determinism(tmp_path) -> None:
         assert ids.shape[0] == 3 and ids.shape[1] <= 1 + budget and (ids[:, 0] == tokenizer.cls_token_id).all()
         assert beams > 1 or ids.shape[1] == 1 + budget
         captions = captioner.caption(tokens)  # a second run on the same input
-        assert captions == [" ".join(t.split()) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        assert captions == [tidy_caption(t) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
         assert len(captions) == 3 and all(len(tokenizer.tokenize(c)) <= budget for c in captions)
 
 
@@ -208,6 +209,12 @@ def test_corpus_bleu_against_hand_counts() -> None:
     assert both == pytest.approx(np.exp(1 - 12 / 11) * np.exp(np.mean(np.log([11 / 11, 8 / 9, 6 / 7, 4 / 5]))))
     # clipping: a repeated word counts as often as the best reference holds it
     assert corpus_bleu(["the the the the"], [["the cat", "the the moon"]], max_n=1) == pytest.approx(2 / 4)
+
+
+def test_decoded_word_pieces_read_as_a_caption() -> None:
+    assert tidy_caption("a close view of the cat ' s  upper left .") == "a close view of the cat's upper left."
+    assert tidy_caption("a wide view of the coins ' center") == "a wide view of the coins' center"
+    assert tidy_caption("the galaxies '") == "the galaxies'"
 
 
 # --- the live decoder and its wiring ---
@@ -381,7 +388,7 @@ def test_phantom_captioner_trains_saves_and_loads_as_a_lab_folder(tmp_path) -> N
     rng = np.random.default_rng(0)
     texts = ["a close view of the cat's upper left", "a wide view of the moon's center"]
     tokens = np.stack([rng.normal(size=(9, 16)) + 3 * k for k in (0, 1)]).astype(np.float32)
-    config = _with(_config(), "caption", phantom_train_steps=60, phantom_batch_size=4, phantom_lr=3e-3,
+    config = _with(_config(), "caption", phantom_train_steps=200, phantom_batch_size=4, phantom_lr=3e-3,
                    phantom_hidden_dim=32)
     model, tokenizer, caption_map, losses = phantom.train_phantom_captioner(tokens, texts, config, progress=False)
     assert caption_map.in_shape == (9, 16) and caption_map.out_shape == (10, 32)  # 3 x 3 + 1 image tokens

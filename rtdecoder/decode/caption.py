@@ -182,9 +182,9 @@ def fit_caption_map(
 
     The separable map is bilinear in its two weight matrices, so it is fitted by alternating
     ridge regressions, each in closed form: the feature map given the token map, then the token
-    map given the feature map, ``n_iterations`` times, then the feature map once more. Each step
-    lowers the ridge objective; the token map starts as a linear resampling of the token index
-    (the identity when ``T_in == T_out``), so token grids that line up start aligned.
+    map given the feature map, ``n_iterations`` times, then the feature map once more. The token
+    map starts as a linear resampling of the token index (the identity when ``T_in == T_out``), so
+    token grids that line up start aligned.
 
     Parameters
     ----------
@@ -332,7 +332,7 @@ class GitCaptioner:
     """Caption predicted image tokens with GIT (``transformers.GitForCausalLM``) through a :class:`CaptionMap`.
 
     GIT's own image encoder (CLIP ViT-L/14 in GIT-large) is dropped: the mapped tokens stand for its
-    output, so its weights are not kept in memory.
+    output, so its weights are not kept in memory once the model is built.
 
     Parameters
     ----------
@@ -422,7 +422,22 @@ class GitCaptioner:
     def caption(self, tokens: torch.Tensor) -> list[str]:
         """One caption per token set of shape (B, n_tokens, token_dim): lower-case text, special tokens removed."""
         ids = self.generate(tokens)
-        return [" ".join(text.split()) for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return [tidy_caption(text) for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def tidy_caption(text: str) -> str:
+    """Decoded word pieces as a caption: one space between words, none before punctuation, and the
+    possessive rejoined (``"cat ' s"`` -> ``"cat's"``, ``"coins ' center"`` -> ``"coins' center"``).
+
+    Examples
+    --------
+    >>> tidy_caption("a close view of the cat ' s  upper left .")
+    "a close view of the cat's upper left."
+    """
+    text = " ".join(text.split())
+    text = re.sub(r" ([.,!?;:])", r"\1", text)
+    text = re.sub(r" ' s\b", "'s", text)
+    return re.sub(r" '( |$)", r"'\1", text)
 
 
 def _first(*values: Any) -> Any:

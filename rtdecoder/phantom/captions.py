@@ -358,8 +358,6 @@ def train_phantom_captioner(
     losses : list of float
         Cross-entropy per step (nats per caption token).
     """
-    from tqdm import tqdm
-
     section = config.caption
     x_all = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float32))
     model, tokenizer, caption_map = new_phantom_captioner(tuple(x_all.shape[1:]), section.phantom_hidden_dim, seed)
@@ -376,9 +374,27 @@ def train_phantom_captioner(
     model.train()
     caption_map.train()
     losses = []
+    threads = torch.get_num_threads()
+    # its matrices are small: one thread is about as fast, and far faster on a machine whose cores are busy
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # dropout's draws: the same data and seed give the same captioner
+            _train_steps(model, caption_map, optimiser, schedule, parameters, x_all, ids_all, mask_all, labels_all,
+                         section.phantom_batch_size, steps, generator, losses, progress)
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval(), tokenizer, caption_map.eval(), losses
+
+
+def _train_steps(model: Any, caption_map: CaptionMap, optimiser: Any, schedule: Any, parameters: list, x_all: Any,
+                 ids_all: Any, mask_all: Any, labels_all: Any, batch_size: int, steps: int, generator: Any,
+                 losses: list[float], progress: bool) -> None:
+    from tqdm import tqdm
+
     with image_tokens_as_input(model):
         for _ in tqdm(range(steps), desc="phantom captioner", disable=not progress):
-            rows = torch.randint(len(x_all), (section.phantom_batch_size,), generator=generator)
+            rows = torch.randint(len(x_all), (batch_size,), generator=generator)
             out = model(input_ids=ids_all[rows], attention_mask=mask_all[rows],
                         pixel_values=caption_map(x_all[rows])[:, None], labels=labels_all[rows])
             optimiser.zero_grad(set_to_none=True)
@@ -387,7 +403,6 @@ def train_phantom_captioner(
             optimiser.step()
             schedule.step()
             losses.append(float(out.loss.detach()))
-    return model.eval(), tokenizer, caption_map.eval(), losses
 
 
 def phantom_caption_data(config: RTDecoderConfig, indices: np.ndarray, progress: bool = True
@@ -542,6 +557,7 @@ def evaluate_phantom_captions(config: RTDecoderConfig, betas: bool = False, subj
     started = time.perf_counter()
     from_true = caption_tokens(captioner, tokens)
     caption_ms = 1000 * (time.perf_counter() - started) / max(len(tokens), 1)
+    single_ms = caption_latency_ms(captioner, tokens[:40])
     rows: dict[str, Any] = {"true tokens": caption_metrics(from_true, truth), "chance": chance_metrics(truth)}
     examples = [{"true": t.text, "from true tokens": p} for t, p in zip(truth[:5], from_true[:5], strict=True)]
     record: dict[str, Any] = {}
@@ -562,8 +578,22 @@ def evaluate_phantom_captions(config: RTDecoderConfig, betas: bool = False, subj
     trained = json.loads((folder / RECORD_NAME).read_text()) if (folder / RECORD_NAME).is_file() else {}
     return {"config": config.name, "rows": rows, "examples": examples, "decoding": record,
             "captioner": {"folder": str(folder), **trained, "max_new_tokens": captioner.max_new_tokens,
-                          "num_beams": captioner.num_beams, "caption_ms_per_image_batched": round(caption_ms, 2)},
+                          "num_beams": captioner.num_beams, "caption_ms_per_image_batched": round(caption_ms, 2),
+                          "caption_ms_one_image_median": round(float(np.median(single_ms)), 2),
+                          "caption_ms_one_image_p95": round(float(np.percentile(single_ms, 95)), 2),
+                          "torch_threads": torch.get_num_threads()},
             "seconds": {"captioner_load_or_train": round(captioner_s, 1)}}
+
+
+def caption_latency_ms(captioner: GitCaptioner, tokens: np.ndarray) -> np.ndarray:
+    """Milliseconds to caption each token set alone, as a live decode does (after one warm-up caption)."""
+    captioner.caption(torch.as_tensor(tokens[:1]))
+    times = []
+    for row in tokens:
+        started = time.perf_counter()
+        captioner.caption(torch.as_tensor(row[None]))
+        times.append(1000 * (time.perf_counter() - started))
+    return np.asarray(times)
 
 
 def format_caption_table(result: dict[str, Any]) -> str:
@@ -599,6 +629,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(format_caption_table(result))
+    c = result["captioner"]
+    print(f"one caption alone: {c['caption_ms_one_image_median']:.1f} ms median, "
+          f"{c['caption_ms_one_image_p95']:.1f} ms p95 ({c['num_beams']} beam(s), {c['max_new_tokens']}-token budget, "
+          f"{c['torch_threads']} torch threads)")
     for example in result["examples"]:
         print(" | ".join(f"{k}: {v}" for k, v in example.items()))
     return 0
