@@ -9,7 +9,9 @@ Times, per configuration, eager vs ``torch.compile`` (CUDA graphs):
 - the distilled unCLIP student (``rtdecoder engines distill-unclip``) + VAE decode at 768 px for
   1, 2 and 4 steps, unguided (guidance was folded in: one UNet pass per step), fp16. Its latency
   depends only on the architecture, so without ``--student`` the rows time the same random-weight
-  UNet run as the student is run; ``--student DIR`` times a distilled folder itself.
+  UNet run as the student is run; ``--student DIR`` times a distilled folder itself;
+- the caption stage: the map from the predicted tokens to GIT's image tokens and GIT's text decoder
+  at GIT-large-COCO's sizes, greedy and beam 3, always the whole budget of 20 new tokens, fp16.
 
 Prints a table and writes ``bench/results/gpu_nsd.json``. ``--tiny`` runs the same code path on the
 CPU with tiny sizes and eager only (a dry run to check the script, not a measurement).
@@ -126,6 +128,7 @@ def main() -> None:
                                  device)
             rows.append({"stage": f"unCLIP student + VAE {image_px}px", "steps": steps,
                          "mode": "compiled" if compiled else "eager", "median_ms": median, "p95_ms": p95})
+    rows += _caption_rows(args, model_config, device, dtype, tokens)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (tiny dry run)"
     print(f"device: {name}; dtype {dtype}")
     print(f"{'stage':32s} {'steps':>5s} {'mode':>9s} {'median ms':>10s} {'p95 ms':>8s}")
@@ -133,6 +136,43 @@ def main() -> None:
         print(f"{r['stage']:32s} {r['steps']:5d} {r['mode']:>9s} {r['median_ms']:10.1f} {r['p95_ms']:8.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"device": name, "tiny": args.tiny, "rows": rows}, indent=2) + "\n")
+
+
+class _NoEndTokenizer:
+    """A tokenizer stand-in with no end token: every caption runs its whole token budget (the worst case)."""
+
+    cls_token_id, sep_token_id, pad_token_id = 101, None, 0
+
+
+def _caption_rows(args, model_config, device, dtype, tokens) -> list[dict]:
+    """The caption stage: the map to GIT's image tokens and GIT's text decoder at GIT-large-COCO's sizes
+    (random weights: the time depends on the sizes), greedy and beam 3, 20 new tokens."""
+    from transformers import GitConfig, GitForCausalLM
+
+    from rtdecoder.decode.caption import CaptionMap, GitCaptioner
+
+    if args.tiny:
+        text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+        vision = dict(hidden_size=16, image_size=28, patch_size=14, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=32)
+    else:
+        text = dict(hidden_size=768, num_hidden_layers=6, num_attention_heads=12, intermediate_size=3072)
+        vision = dict(hidden_size=1024, image_size=224, patch_size=14, num_hidden_layers=1, num_attention_heads=16,
+                      intermediate_size=4096)  # the vision tower is bypassed: its depth does not matter
+    config = GitConfig(vision_config=vision, vocab_size=30522, eos_token_id=None, **text)
+    torch.manual_seed(0)
+    git = GitForCausalLM(config)
+    n_image_tokens = (vision["image_size"] // vision["patch_size"]) ** 2 + 1
+    caption_map = CaptionMap((model_config.n_tokens, tokens.shape[-1]), (n_image_tokens, vision["hidden_size"]))
+    rows = []
+    for beams in (1, 3):
+        captioner = GitCaptioner(git, _NoEndTokenizer(), caption_map, max_new_tokens=20, num_beams=beams).to(device)
+        captioner.model.to(dtype)
+        captioner.caption_map.to(dtype)
+        median, p95 = _timed(lambda c=captioner: c.generate(tokens.to(device)), args.repeats, device)
+        rows.append({"stage": f"caption map + GIT, {'greedy' if beams == 1 else f'beam {beams}'}", "steps": 20,
+                     "mode": "eager", "median_ms": median, "p95_ms": p95})
+    return rows
 
 
 if __name__ == "__main__":
