@@ -5,7 +5,7 @@
 1. **The live front end, offline.** Every run of the session (:func:`rtdecoder.calibration.betas.find_runs`:
    run folders or BIDS) is read volume by volume and fed, in index order, through a
    :class:`~rtdecoder.session.frontend.FrontEnd` built from the *bundle* as ``rtdecoder run``
-   builds it (:func:`bundle_frontend`, the same construction as the runner's ``_new_frontend``):
+   builds it (:func:`rtdecoder.session.frontend.build_run_frontend`, the runner's own construction):
    motion correction to the bundle's reference, the bundle's mask, percent signal change of the
    bundle's ``signal_mean``, the bundle's per-voxel HRFs, and the run config's ``glm`` section.
    Not the offline calibration path (:func:`~rtdecoder.calibration.betas.estimate_session_betas`):
@@ -61,11 +61,9 @@ from rtdecoder.bundle import SubjectBundle
 from rtdecoder.config import RTDecoderConfig
 from rtdecoder.embedding.cache import ImageTokens
 from rtdecoder.errors import BundleError
-from rtdecoder.glm.design import TrialLike, slice_time_ref_from
-from rtdecoder.glm.incremental import IncrementalGLM, TrialBeta
-from rtdecoder.preprocess.mask import OnlineNormaliser
-from rtdecoder.preprocess.motion import MotionCorrector
-from rtdecoder.session.frontend import FrontEnd
+from rtdecoder.glm.design import slice_time_ref_from
+from rtdecoder.glm.incremental import TrialBeta
+from rtdecoder.session.frontend import build_run_frontend
 
 logger = logging.getLogger(__name__)
 
@@ -451,68 +449,6 @@ def _trial_weighted(per_run: list[dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the live front end, offline
 
 
-def bundle_frontend(
-    config: RTDecoderConfig,
-    geometry: Any,
-    trials: Sequence[TrialLike],
-    tr_s: float,
-    n_volumes: int,
-    slice_time_ref_s: float,
-    publish_refinements: bool | None = None,
-) -> FrontEnd:
-    """A started run front end exactly as the live session builds it (the runner's ``_new_frontend``).
-
-    Parameters
-    ----------
-    config : RTDecoderConfig
-        The run's config (``preprocess`` and ``glm``).
-    geometry : SessionGeometry
-        :meth:`rtdecoder.session.runner.SessionGeometry.from_bundle`: mask, reference,
-        ``signal_mean`` and HRFs (and its bundle's GLMdenoise components, when it has them).
-    trials : sequence of TrialLike
-        The run's trials (none: motion and QA only, no GLM).
-    tr_s : float
-        The run's TR, s.
-    n_volumes : int
-        Volumes the GLM is planned for.
-    slice_time_ref_s : float
-        The run's resolved slice-time reference, s.
-    publish_refinements : bool, optional
-        Overrides ``glm.publish_refinements`` (refinements never change first or final betas).
-
-    Returns
-    -------
-    FrontEnd
-        Started.
-    """
-    motion = None
-    pre = config.preprocess
-    if pre.motion_correction:
-        motion = MotionCorrector(
-            max_iterations=pre.motion_max_iterations, tolerance_mm=pre.motion_tolerance_mm,
-            n_samples=pre.motion_n_samples,
-        ).set_reference(geometry.reference, geometry.mask.affine)
-    # Percent signal change of the bundle's baseline: the units calibration's GLM used.
-    normaliser = OnlineNormaliser.from_stats(geometry.signal_mean, geometry.signal_mean / 100.0)
-    glm_config = config.glm
-    if publish_refinements is not None:
-        glm_config = glm_config.model_copy(update={"publish_refinements": publish_refinements})
-    if glm_config.hrf == "library" and geometry.hrf_index is None:
-        glm_config = glm_config.model_copy(update={"hrf": "canonical"})
-    # GLMdenoise's frozen noise components, when the bundle has them: their regressors are extra
-    # confounds of the GLM, as calibration fitted them (passed only then, so a FrontEnd without the
-    # option is built exactly as before).
-    denoise = getattr(getattr(geometry, "bundle", None), "glmdenoise", None)
-    extra: dict[str, Any] = {"n_confounds": denoise.n_components} if denoise is not None else {}
-    glm = None if not trials else IncrementalGLM.from_config(
-        glm_config, trials, float(tr_s), int(n_volumes), slice_time_ref_s=float(slice_time_ref_s),
-        hrf_per_voxel=geometry.hrf_index if glm_config.hrf == "library" else None, **extra,
-    )
-    if denoise is not None:
-        return FrontEnd(geometry.mask, glm, normaliser, motion, denoise=denoise).start()
-    return FrontEnd(geometry.mask, glm, normaliser, motion).start()
-
-
 @dataclass
 class RunReplay:
     """One run of a test session after the bundle's front end.
@@ -598,7 +534,7 @@ def replay_session(
             times_s, source = run_slice_times_s(run, volumes)
             slice_ref_s = slice_time_ref_from(config.glm.slice_time_ref_s, times_s, tr_s, source=source)
             n_volumes = volumes[-1].index + 1
-            frontend = bundle_frontend(config, geometry, run.trials, tr_s, n_volumes, slice_ref_s,
+            frontend = build_run_frontend(config, geometry, run.trials, tr_s, n_volumes, slice_ref_s,
                                        publish_refinements=True)
             stim_of = {t.trial_id: t.stim_id for t in run.trials}
             replay = RunReplay(run.label, tr_s, slice_ref_s, list(run.trials), n_volumes,

@@ -57,9 +57,10 @@ def run_demo(
     """
     from rtdecoder.bundle import SubjectBundle
     from rtdecoder.calibration.calibrate import calibrate
+    from rtdecoder.calibration.evaluate import LiveScorer
     from rtdecoder.calibration.pretrain import pretrain, subject_id
     from rtdecoder.glm.events import write_events_tsv
-    from rtdecoder.phantom.decoding import phantom_live_decoder
+    from rtdecoder.phantom.decoding import phantom_image_tokens, phantom_live_decoder
     from rtdecoder.phantom.scanner import volumes_from_array, write_run
     from rtdecoder.phantom.world import PhantomWorld
     from rtdecoder.session.report import write_report
@@ -126,9 +127,12 @@ def run_demo(
 
     seqs = [m.seq for m in received]
     gaps = sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs))
+    # The live figures (fast / slow / end of run) score the journaled beta maps with the bundle's model.
+    scorer = LiveScorer.from_bundle(bundle, phantom_image_tokens(config, world=world, progress=progress),
+                                    test_ids=list(bank.ids[: config.experiment.n_test_images]))
     figures = write_report(
         session_dir, "run-01", work_dir / "report.html", live.tr_s,
-        seen_image=lambda stim_id: bank.image(bank.index_of(stim_id)),
+        seen_image=lambda stim_id: bank.image(bank.index_of(stim_id)), live=scorer,
     )
     figures.update({
         "messages_received": len(received),

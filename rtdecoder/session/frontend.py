@@ -17,18 +17,25 @@ the GLM, exactly as calibration computed them for its own runs.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from rtdecoder.config import RTDecoderConfig
 from rtdecoder.errors import ConfigError, OrderError, VolumeError
 from rtdecoder.glm.denoise import NoiseComponents
+from rtdecoder.glm.design import TrialLike
 from rtdecoder.glm.incremental import IncrementalGLM, TrialBeta
 from rtdecoder.ingest.volume import Volume
 from rtdecoder.preprocess.mask import OnlineNormaliser, VoxelMask
 from rtdecoder.preprocess.motion import MotionCorrector, MotionEstimate
 from rtdecoder.preprocess.orientation import VolumeReorienter, find_grid_transform
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -188,3 +195,64 @@ class FrontEnd:
     def _require_started(self, method: str) -> None:
         if not self.started_:
             raise OrderError(f"FrontEnd.{method} called before start(); call start() first")
+
+
+def build_run_frontend(
+    config: RTDecoderConfig,
+    geometry: Any,
+    trials: Sequence[TrialLike],
+    tr_s: float,
+    n_volumes: int,
+    slice_time_ref_s: float,
+    publish_refinements: bool | None = None,
+) -> FrontEnd:
+    """A started front end for one run, as the live session and ``rtdecoder evaluate`` both build it.
+
+    Parameters
+    ----------
+    config : RTDecoderConfig
+        The run's config (``preprocess`` and ``glm``).
+    geometry : SessionGeometry
+        :meth:`rtdecoder.session.runner.SessionGeometry.from_bundle`: mask, reference,
+        ``signal_mean`` and HRFs (and its bundle's GLMdenoise components, when it has them).
+    trials : sequence of TrialLike
+        The run's trials (none: motion and QA only, no GLM).
+    tr_s : float
+        The run's TR, s.
+    n_volumes : int
+        Volumes the GLM is planned for.
+    slice_time_ref_s : float
+        The run's resolved slice-time reference, s.
+    publish_refinements : bool, optional
+        Overrides ``glm.publish_refinements`` (refinements never change first or final betas).
+
+    Returns
+    -------
+    FrontEnd
+        Started.
+    """
+    motion = None
+    pre = config.preprocess
+    if pre.motion_correction:
+        motion = MotionCorrector(
+            max_iterations=pre.motion_max_iterations, tolerance_mm=pre.motion_tolerance_mm,
+            n_samples=pre.motion_n_samples,
+        ).set_reference(geometry.reference, geometry.mask.affine)
+    # Percent signal change of the bundle's baseline: the units calibration's GLM used.
+    normaliser = OnlineNormaliser.from_stats(geometry.signal_mean, geometry.signal_mean / 100.0)
+    glm_config = config.glm
+    if publish_refinements is not None:
+        glm_config = glm_config.model_copy(update={"publish_refinements": publish_refinements})
+    if glm_config.hrf == "library" and geometry.hrf_index is None:
+        # Per-voxel HRFs are chosen at calibration; without a bundle there is no choice to use.
+        logger.info("glm.hrf 'library' needs a calibrated bundle; the canonical HRF is used")
+        glm_config = glm_config.model_copy(update={"hrf": "canonical"})
+    # GLMdenoise's frozen noise components, when the bundle has them: their regressors are extra
+    # confounds of the GLM, as calibration fitted them.
+    denoise = geometry.bundle.glmdenoise if geometry.bundle is not None else None
+    glm = None if not trials else IncrementalGLM.from_config(
+        glm_config, trials, float(tr_s), int(n_volumes), slice_time_ref_s=float(slice_time_ref_s),
+        hrf_per_voxel=geometry.hrf_index if glm_config.hrf == "library" else None,
+        n_confounds=denoise.n_components if denoise is not None else 0,
+    )
+    return FrontEnd(geometry.mask, glm, normaliser, motion, denoise=denoise).start()

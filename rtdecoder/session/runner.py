@@ -71,17 +71,16 @@ from rtdecoder.config import RTDecoderConfig
 from rtdecoder.decode.protocol import BetaDecoder, Decoded  # noqa: F401  (Decoded: re-exported for callers)
 from rtdecoder.errors import ConfigError, DecoderError, JournalError, VolumeError
 from rtdecoder.glm.design import TrialLike
-from rtdecoder.glm.incremental import IncrementalGLM, TrialBeta
+from rtdecoder.glm.incremental import TrialBeta
 from rtdecoder.ingest.ordering import MissingVolume, VolumeOrderer
 from rtdecoder.ingest.volume import Volume
 from rtdecoder.ingest.watcher import FolderWatcher
-from rtdecoder.preprocess.mask import OnlineNormaliser, VoxelMask
-from rtdecoder.preprocess.motion import MotionCorrector
+from rtdecoder.preprocess.mask import VoxelMask
 from rtdecoder.preprocess.qa import RunningTSNR
 from rtdecoder.publish.control import ControlRequest, OnsetRequest, RunEndRequest, RunStartRequest
 from rtdecoder.publish.publisher import ResultPublisher
 from rtdecoder.session.decode_worker import DecodeJob, DecodeWorker
-from rtdecoder.session.frontend import FrontEnd, ProcessedVolume
+from rtdecoder.session.frontend import FrontEnd, ProcessedVolume, build_run_frontend
 from rtdecoder.session.journal import Journal
 from rtdecoder.session.resume import JournalState, RunRecords, published_since
 
@@ -756,30 +755,10 @@ class _Run:
         self.frontend = self._new_frontend()
 
     def _new_frontend(self) -> FrontEnd:
-        geometry, config, start = self.session.geometry, self.config, self.start_record
-        motion = None
-        if config.preprocess.motion_correction:
-            motion = MotionCorrector(
-                max_iterations=config.preprocess.motion_max_iterations,
-                tolerance_mm=config.preprocess.motion_tolerance_mm,
-                n_samples=config.preprocess.motion_n_samples,
-            ).set_reference(geometry.reference, geometry.mask.affine)
-        # Percent signal change of the baseline: the units the calibration GLM used.
-        normaliser = OnlineNormaliser.from_stats(geometry.signal_mean, geometry.signal_mean / 100.0)
-        glm_config = config.glm
-        if glm_config.hrf == "library" and geometry.hrf_index is None:
-            # Per-voxel HRFs are chosen at calibration; without a bundle there is no choice to use.
-            logger.info("%s: glm.hrf 'library' needs a calibrated bundle; the canonical HRF is used", self.plan.run)
-            glm_config = glm_config.model_copy(update={"hrf": "canonical"})
-        denoise = geometry.bundle.glmdenoise if geometry.bundle is not None else None
-        glm = None if not self.trials else IncrementalGLM.from_config(
-            glm_config, self.trials, float(start["tr_s"]), self.n_volumes_planned,
-            slice_time_ref_s=float(start["slice_time_ref_s"]),
-            hrf_per_voxel=geometry.hrf_index if glm_config.hrf == "library" else None,
-            n_confounds=denoise.n_components if denoise is not None else 0,
-        )
-        self.tsnr = RunningTSNR(geometry.mask.n_voxels)
-        return FrontEnd(geometry.mask, glm, normaliser, motion, denoise=denoise).start()
+        start = self.start_record
+        self.tsnr = RunningTSNR(self.session.geometry.mask.n_voxels)
+        return build_run_frontend(self.config, self.session.geometry, self.trials, float(start["tr_s"]),
+                                  self.n_volumes_planned, float(start["slice_time_ref_s"]))
 
     # ----------------------------------------------------------------- volumes
 
