@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import ndimage
+from test_motion import known_motions
 
 from rtdecoder.ingest.readers import read_volume
 from rtdecoder.preprocess.motion import FD_RADIUS_MM, MotionCorrector, framewise_displacement, rigid_matrix
@@ -80,17 +81,6 @@ def shift_fourier(volume: np.ndarray, affine: np.ndarray, shift_mm: np.ndarray, 
     padded = np.pad(volume.astype(np.float64), pad, mode="edge")
     shifted = np.fft.ifftn(ndimage.fourier_shift(np.fft.fftn(padded), shift_voxels)).real
     return shifted[pad:-pad, pad:-pad, pad:-pad].astype(np.float32)
-
-
-def known_motions(size_mm: float, size_deg: float) -> list[np.ndarray]:
-    """Each of the six parameters alone, then all six at once (signs + - + + - +)."""
-    motions = []
-    for axis in range(6):
-        params = np.zeros(6)
-        params[axis] = size_mm if axis < 3 else np.radians(size_deg)
-        motions.append(params)
-    motions.append(np.r_[[size_mm, -size_mm, size_mm], np.radians([size_deg, -size_deg, size_deg])])
-    return motions
 
 
 def moved_copies(volume: np.ndarray, affine: np.ndarray, size: float, generator: str) -> list[tuple]:
