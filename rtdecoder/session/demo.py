@@ -77,6 +77,7 @@ def run_demo(
             update={"pretrain_epochs": pretrain_epochs})})
     started = time.monotonic()
     world = PhantomWorld(config, progress=progress)
+    bank_tokens = phantom_image_tokens(config, world=world, progress=progress)  # the stimuli, as calibration sees them
     held_out = config.phantom.n_subjects - 1
     subject = subject_id(held_out)
     logger.info("demo: pretraining on subjects 0..%d (cached after the first time)", held_out - 1)
@@ -102,7 +103,7 @@ def run_demo(
                 write_events_tsv(simulated.trials, run_dir / "events.tsv")
         calibrate(config, session_dir, bundle_dir, subject_id=subject,
                   mask=_mask_as_exported(world.subject(held_out), session_dir / "run-01"),
-                  pretrained_dir=pretrained, progress=progress)
+                  pretrained_dir=pretrained, images=bank_tokens, progress=progress)
     bundle = SubjectBundle.load(bundle_dir)
     decoder = phantom_live_decoder(bundle, config)
 
@@ -128,7 +129,7 @@ def run_demo(
     seqs = [m.seq for m in received]
     gaps = sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs))
     # The live figures (fast / slow / end of run) score the journaled beta maps with the bundle's model.
-    scorer = LiveScorer.from_bundle(bundle, phantom_image_tokens(config, world=world, progress=progress),
+    scorer = LiveScorer.from_bundle(bundle, bank_tokens,
                                     test_ids=list(bank.ids[: config.experiment.n_test_images]))
     figures = write_report(
         session_dir, "run-01", work_dir / "report.html", live.tr_s,
