@@ -18,6 +18,18 @@ is the shared images (``experiment.n_test_images`` x ``test_repeats``) of every 
 averaged, never trained on. Pretraining subjects come from direct simulation (``phantom generate
 --level betas``), as MindEye2 pretrains on released betas.
 
+``--steps`` adds the betas' table: for the calibration session, each trial's betas against the
+simulation's true betas (per voxel, the correlation over trials, median over voxels) for each step
+of the GLM: the canonical HRF; the HRF library chosen by single-trial R^2 (the rule before issue
+13); the library with the canonical shape chosen by cross-validation (the preset); + GLMdenoise;
++ fractional ridge.
+
+``--variants`` adds retrieval rows of (a) (one seed each, the first) with the betas of those last
+steps, every session's betas estimated the same way: (a) + GLMdenoise; (a) + GLMdenoise +
+fractional ridge; and (a) with the automatic mask (``calibrate --mask auto``: the
+``voxel_selection.n_voxels`` most reliable voxels of the EPI brain mask, no phantom mask), whose
+test betas are estimated on the bundle's mask.
+
 ``--live`` adds the live figures of (a) (first seed) on the held-out subject's session 1, a
 session the bundle never saw, through the front end ``rtdecoder run`` builds from the bundle (its
 motion reference, statistics and HRFs; :func:`rtdecoder.calibration.evaluate.evaluate_session`):
@@ -41,6 +53,7 @@ resident memory of the process (``resource.getrusage``). Prints a table and writ
 
 Run from the repository root::
 
+    python bench/bench_calibration.py --seeds 3 --steps --variants   # the tables of docs/calibration.md
     python bench/bench_calibration.py --seeds 3         # the phantom preset as configured, 3 seeds
     python bench/bench_calibration.py --live-only       # (a) and its live figures
     python bench/bench_calibration.py --runs 4 --pretrain-sessions 0 --epochs 10 --hidden-dim 128 \
@@ -99,6 +112,10 @@ def main() -> None:
     parser.add_argument("--live", action="store_true",
                         help="also the live figures of (a) on the held-out subject's session 1 (fast/slow/end of run)")
     parser.add_argument("--live-only", action="store_true", help="(a) and its live figures only: no (b), (c), (d)")
+    parser.add_argument("--steps", action="store_true",
+                        help="the betas' correlation with the truth for each GLM step on the calibration session")
+    parser.add_argument("--variants", action="store_true",
+                        help="(a) with GLMdenoise, + fractional ridge, and with --mask auto (first seed each)")
     parser.add_argument("--out", help="JSON (default bench/results/calibration.json; with --live-only "
                         "bench/results/calibration-live.json)")
     args = parser.parse_args()
@@ -170,6 +187,15 @@ def main() -> None:
         results["d_pretrained_all_sessions"] = _all_sessions(sessions, tokens, model_dir, config, work, test_z,
                                                              test_tokens)
         seconds["all_sessions_training"] = time.perf_counter() - started
+    steps = None
+    if args.steps:
+        started = time.perf_counter()
+        steps = beta_steps(config, world, session_dirs[0], runs, mask)
+        seconds["steps"] = time.perf_counter() - started
+    if args.variants and not args.live_only:
+        started = time.perf_counter()
+        results.update(variants(config, session_dirs, mask, model_dir, work, sid, tokens, seeds[0]))
+        seconds["variants"] = time.perf_counter() - started
     live = None
     if (args.live or args.live_only) and n_sessions > 1:
         started = time.perf_counter()
@@ -187,6 +213,7 @@ def main() -> None:
         "pretrain": record,
         "n_test_images": int(len(test_z)),
         "results": results,
+        **({"beta_steps": steps} if steps is not None else {}),
         **({"live": live} if live is not None else {}),
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -198,6 +225,86 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")
     _print_table(payload)
+
+
+#: The GLM steps of ``--steps``: name -> glm section updates, each on top of the preset's glm section.
+BETA_STEPS = {
+    "canonical": {"hrf": "canonical", "glmdenoise": False, "fracridge": False},
+    "library_single_trial": {"hrf": "library", "hrf_selection": "single_trial", "glmdenoise": False,
+                             "fracridge": False},
+    "library_crossval": {"hrf": "library", "hrf_selection": "crossval", "glmdenoise": False, "fracridge": False},
+    "plus_glmdenoise": {"hrf": "library", "hrf_selection": "crossval", "glmdenoise": True, "fracridge": False},
+    "plus_fracridge": {"hrf": "library", "hrf_selection": "crossval", "glmdenoise": True, "fracridge": True},
+}
+
+
+def _with_glm(config, update: dict):
+    return config.model_copy(update={"glm": config.glm.model_copy(update=update)})
+
+
+def beta_steps(config, world: PhantomWorld, session_dir: Path, runs: list[int], mask: np.ndarray) -> dict:
+    """Betas of the held-out subject's calibration session against the simulation's truth, per GLM step."""
+    from rtdecoder.glm.hrf import CANONICAL_CANDIDATE
+
+    truth = np.concatenate([world.simulate_run(HELD_OUT, 0, run).true_betas for run in runs])
+    out = {}
+    for name, update in BETA_STEPS.items():
+        started = time.perf_counter()
+        session = estimate_session_betas(session_dir, _with_glm(config, update), mask, progress=False)
+        finite = np.all(np.isfinite(session.betas), axis=1)
+        test = finite & session.is_test
+        out[name] = {
+            "r": round(float(np.median(_column_r(session.betas[finite], truth[finite]))), 4),
+            "r_test": round(float(np.median(_column_r(session.betas[test], truth[test]))), 4),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        if update["hrf"] == "library":
+            out[name]["canonical_share"] = round(float(np.mean(session.hrf_index == CANONICAL_CANDIDATE)), 3)
+        if session.glmdenoise is not None:
+            out[name]["glmdenoise_components"] = int(session.glmdenoise.n_components)
+        logger.info("betas step %s: %s", name, out[name])
+    return out
+
+
+def _column_r(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each column of ``a`` with the same column of ``b``."""
+    a, b = a - a.mean(axis=0), b - b.mean(axis=0)
+    return (a * b).sum(axis=0) / np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
+
+
+def variants(config, session_dirs: list[Path], mask: np.ndarray, model_dir: Path, work: Path, sid: str,
+             tokens: ImageTokens, seed: int) -> dict:
+    """(a) with the betas of later GLM steps, and with the automatic mask; one seed each."""
+    from rtdecoder.bundle import SubjectBundle
+    from rtdecoder.preprocess.mask import VoxelMask
+
+    seeded = config.model_copy(update={"training": config.training.model_copy(update={"seed": seed})})
+    out = {}
+    for name, step in (("a_plus_glmdenoise", "plus_glmdenoise"), ("a_plus_glmdenoise_fracridge", "plus_fracridge"),
+                       ("a_auto_mask", None)):
+        started = time.perf_counter()
+        variant = _with_glm(seeded, BETA_STEPS[step]) if step else seeded
+        bundle_dir = work / f"bundle-{name}"
+        if step is None:
+            report = calibrate(variant, session_dirs[0], bundle_dir, sid, "auto", pretrained_dir=model_dir,
+                               images=tokens)
+            bundle = SubjectBundle.load(bundle_dir)
+            variant_mask = VoxelMask(bundle.mask, bundle.affine, source="the bundle's automatic mask")
+            overlap = float((bundle.mask & mask).sum() / bundle.mask.sum())
+        else:
+            variant_mask, overlap = mask, None
+        sessions = [estimate_session_betas(d, variant, variant_mask, progress=False) for d in session_dirs]
+        if step is not None:
+            report = calibrate(variant, session_dirs[0], bundle_dir, sid, mask, pretrained_dir=model_dir,
+                               session=sessions[0], images=tokens)
+        test_z, test_tokens = test_set(sessions, tokens)
+        out[name] = _mean_over_seeds([evaluate_bundle(bundle_dir, sid, test_z, test_tokens, report) | {"seed": seed}])
+        out[name]["seconds"] = round(time.perf_counter() - started, 1)
+        if overlap is not None:
+            out[name]["share_of_voxels_in_the_phantom_visual_mask"] = round(overlap, 3)
+            out[name]["n_voxels"] = int(variant_mask.n_voxels)
+        logger.info("variant %s: %s", name, {k: v for k, v in out[name].items() if k != "per_seed"})
+    return out
 
 
 def live_evaluation(config, bundle_dir: Path, session_dir: Path, offline_session, tokens: ImageTokens) -> dict:
@@ -349,6 +456,13 @@ def _print_table(payload: dict) -> None:
                                              for r in result["per_seed"])
         print(f"{name:<30} {100 * result['image_top1']:>11.1f}% {100 * result['brain_top1']:>11.1f}% "
               f"{result['pool_size']:>6}{spread}")
+    steps = payload.get("beta_steps")
+    if steps:
+        print("\ncalibration session betas against the truth (median over voxels of the correlation over trials)")
+        print(f"{'step':<24} {'r':>7} {'r_test':>7} {'canonical':>10} {'s':>6}")
+        for name, row in steps.items():
+            print(f"{name:<24} {row['r']:>7} {row['r_test']:>7} {row.get('canonical_share', '-'):>10} "
+                  f"{row['seconds']:>6}")
     pre = payload["pretrain"]
     print(f"pretraining: {pre['train_s_per_epoch']} s/epoch ({pre['epochs']} epochs, {sum(pre['n_trials'].values())} "
           f"trials of {len(pre['subjects'])} subjects)")

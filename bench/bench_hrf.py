@@ -47,7 +47,7 @@ import numpy as np
 from rtdecoder.calibration.betas import SessionBetas, estimate_session_betas
 from rtdecoder.config import RTDecoderConfig, load_config
 from rtdecoder.glm.events import write_events_tsv
-from rtdecoder.glm.hrf import HRF_LIBRARY_SIZE, hrf_library, hrf_time_to_peak_s
+from rtdecoder.glm.hrf import CANONICAL_CANDIDATE, HRF_LIBRARY_SIZE, hrf_candidates, hrf_library, hrf_time_to_peak_s
 from rtdecoder.phantom.scanner import volumes_from_array, write_run
 from rtdecoder.phantom.subjects import PhantomSubject, inverse_logit_hrf
 from rtdecoder.phantom.world import PhantomWorld
@@ -169,13 +169,14 @@ def _measure(session: SessionBetas, truth: np.ndarray, true_peak_s: np.ndarray, 
         "r_test": round(float(np.median(_column_r(session.betas[test], truth[test]))), 4),
     }
     if library:
-        chosen_s = hrf_time_to_peak_s(hrf_library(tr_s), tr_s)[session.hrf_index]
+        chosen_s = hrf_time_to_peak_s(hrf_candidates(tr_s), tr_s)[session.hrf_index]
         out |= {
             "time_to_peak_s_median": round(float(np.median(chosen_s)), 2),
             "time_to_peak_abs_error_s_median": round(float(np.median(np.abs(chosen_s - true_peak_s))), 2),
             "time_to_peak_r": round(float(np.corrcoef(chosen_s, true_peak_s)[0, 1]), 3),
             "at_latest": round(float(np.mean(session.hrf_index == HRF_LIBRARY_SIZE - 1)), 3),
             "at_earliest": round(float(np.mean(session.hrf_index == 0)), 3),
+            "canonical": round(float(np.mean(session.hrf_index == CANONICAL_CANDIDATE)), 3),
         }
     return out
 

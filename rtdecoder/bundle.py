@@ -68,6 +68,7 @@ GOVERNED_SECTIONS = ("glm", "preprocess", "embedding", "model")
 #: Keys of those sections that may differ at run time, and why (see :meth:`SubjectBundle.check_run_config`).
 RUN_TIME_KEYS: dict[str, str] = {
     "glm.beta_wait_s": "when a beta is released, not what it estimates",
+    "glm.min_residual_dof": "when a run's first betas are released, not what they estimate",
     "glm.publish_refinements": "whether refined betas are published",
     "glm.fracridge": "calibration only: the live GLM is OLS either way",
     "glm.fracridge_fractions": "calibration only",

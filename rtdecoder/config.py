@@ -183,6 +183,12 @@ class GLMConfig(Section):
     high_pass_hz: float = Field(0.01, gt=0.0, description="cosine drift cut-off")
     motion_confounds: bool = True
     beta_wait_s: float = Field(8.0, ge=0.0, description="seconds after onset before a beta is released")
+    min_residual_dof: int = Field(
+        20, ge=0,
+        description="a trial's first live beta also waits until the run's volumes exceed its model's columns by "
+        "this many (the first trials of a run would otherwise be released just estimable, mostly noise); "
+        "refinements and final betas are not held back",
+    )
     publish_refinements: bool = True
     fracridge: bool = Field(
         False,
@@ -235,6 +241,17 @@ class GLMConfig(Section):
         if 1.0 not in value:
             raise ValueError("expected 1.0 among the fractions (no shrinkage, kept by voxels that ridge does not help)")
         return tuple(sorted(set(value)))
+
+
+class VoxelSelectionConfig(Section):
+    """``calibrate --mask auto``: the decoding voxels chosen from the calibration session."""
+
+    n_voxels: int = Field(
+        15000, ge=10,
+        description="voxels kept: those of highest split-half reliability (repeated images' betas) inside the EPI "
+        "brain mask of the motion reference (rtdecoder/calibration/voxel_selection.py); about NSD's nsdgeneral "
+        "size at 1.8 mm",
+    )
 
 
 class ModelConfig(Section):
@@ -516,6 +533,7 @@ class RTDecoderConfig(Section):
     ingest: IngestConfig = IngestConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     glm: GLMConfig = GLMConfig()
+    voxel_selection: VoxelSelectionConfig = VoxelSelectionConfig()
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
     generator: GeneratorConfig = GeneratorConfig()

@@ -232,6 +232,38 @@ def test_first_trial_waits_until_estimable(rng: np.random.Generator) -> None:
     assert early[0].n_volumes_used >= 1 + 6 + 3
 
 
+def _first_release_correlations(min_residual_dof: int, seed: int) -> tuple[np.ndarray, list[int]]:
+    """First-release betas' correlation with the truth across voxels per trial, NSD-like timing; volumes used."""
+    rng = np.random.default_rng(seed)
+    tr_s, n_volumes, n_voxels = 1.6, 166, 400
+    trials = [Trial(f"t{j:02d}", 4.8 + 4.0 * j, 3.0) for j in range(32)]
+    times_s = frame_times_s(n_volumes, tr_s)
+    motion = np.cumsum(rng.normal(scale=0.05, size=(n_volumes, 6)), axis=0)
+    truth = rng.normal(size=(len(trials), n_voxels))
+    data = trial_regressors(trials, times_s, canonical_hrf("glover", tr_s)) @ truth
+    data += rng.normal(scale=2.0, size=(n_volumes, n_voxels)) + motion @ rng.normal(size=(6, n_voxels))
+    glm = IncrementalGLM(trials, tr_s, n_volumes, min_residual_dof=min_residual_dof).start(n_voxels)
+    first = {}
+    for b in _feed(glm, data, motion):
+        first.setdefault(b.trial_index, b)
+    betas = np.stack([first[j].beta for j in range(len(trials))])
+    b, t = betas - betas.mean(axis=1, keepdims=True), truth - truth.mean(axis=1, keepdims=True)
+    r = (b * t).sum(axis=1) / np.sqrt((b * b).sum(axis=1) * (t * t).sum(axis=1))
+    return r, [first[j].n_volumes_used for j in range(len(trials))]
+
+
+def test_first_betas_of_a_run_wait_for_residual_degrees_of_freedom() -> None:
+    # Released as soon as just estimable (the former rule), a run's first betas were mostly noise:
+    # the drift and motion columns have had few volumes to be told apart from the trials.
+    runs = [_first_release_correlations(GLMConfig().min_residual_dof, seed) for seed in range(3)]
+    # 2 trial columns (LSS), 3 drift, 6 motion: 20 residual degrees of freedom need 31 volumes.
+    assert min(min(used) for _, used in runs) >= 11 + GLMConfig().min_residual_dof
+    early, later = np.mean([r[:6] for r, _ in runs]), np.median([r[8:] for r, _ in runs])
+    assert early > 0.75 * later
+    just_estimable = np.mean([_first_release_correlations(0, seed)[0][:6] for seed in range(3)])
+    assert just_estimable < 0.5 * later
+
+
 def test_out_of_order_volumes_give_the_same_betas(rng: np.random.Generator) -> None:
     trials, motion, data = _run(rng)
     in_order = IncrementalGLM(trials, TR_S, N_VOLUMES, method="lsa").start(N_VOXELS)
@@ -337,9 +369,10 @@ def test_update_rejects_bad_volumes(rng: np.random.Generator, args, error, match
             r"expected 12 integer library indices \(got shape \(3,\)",
         ),
         (
-            {"hrf": "library", "hrf_per_voxel": np.full(12, 20)},
-            "hrf_per_voxel: expected indices 0 to 19 .got 20 to 20.",
+            {"hrf": "library", "hrf_per_voxel": np.full(12, 21)},
+            "hrf_per_voxel: expected indices 0 to 20 .got 21 to 21.",
         ),
+        ({"min_residual_dof": -1}, r"glm.min_residual_dof: expected a whole number >= 0 \(got -1\)"),
         ({"hrf_per_voxel": np.zeros(12, dtype=int)}, "hrf_per_voxel: given, but glm.hrf is 'canonical'"),
     ],
 )

@@ -222,7 +222,7 @@ def test_calibrate_without_mask_on_real_data_says_how_to_make_one(real_dicom_dir
     assert code == 1
     err = capsys.readouterr().err.splitlines()[-1]
     assert "--mask: required" in err and "not written by the rtdecoder phantom" in err
-    assert "--write-reference" in err and "--mask-space" in err and "compute_epi_mask" in err
+    assert "--write-reference" in err and "--mask-space" in err and "--mask auto" in err
     assert not (tmp_path / "bundle").exists()
     assert not written_by_phantom(tmp_path / "session")
 

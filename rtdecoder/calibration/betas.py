@@ -108,7 +108,7 @@ from rtdecoder.glm.denoise import DenoiseRun, NoiseComponents, epi_brain_mask, f
 from rtdecoder.glm.design import slice_time_ref_from, trial_regressors
 from rtdecoder.glm.events import Trial, read_events_tsv
 from rtdecoder.glm.fracridge import design_svd, fracridge
-from rtdecoder.glm.hrf import HRF_LIBRARY_SIZE, HRFRun, choose_library_hrf
+from rtdecoder.glm.hrf import CANONICAL_CANDIDATE, HRF_LIBRARY_SIZE, HRFRun, choose_library_hrf
 from rtdecoder.glm.incremental import IncrementalGLM
 from rtdecoder.ingest.ordering import RunNumbering
 from rtdecoder.ingest.readers import read_volume
@@ -926,8 +926,9 @@ def choose_session_hrf(
         selection = "onoff"
     hrf_index = choose_library_hrf(runs, tr_s, selection, glm.drift_model, glm.drift_order, glm.high_pass_hz)
     logger.info(
-        "HRF library choice (%s): %d voxels, %d of %d shapes used, %.0f%% at the latest", selection,
-        hrf_index.size, np.unique(hrf_index).size, HRF_LIBRARY_SIZE,
+        "HRF choice (%s): %d voxels, %.0f%% kept the canonical shape, %d of %d library shapes used, %.0f%% at the "
+        "latest", selection, hrf_index.size, 100.0 * float(np.mean(hrf_index == CANONICAL_CANDIDATE)),
+        np.unique(hrf_index[hrf_index != CANONICAL_CANDIDATE]).size, HRF_LIBRARY_SIZE,
         100.0 * float(np.mean(hrf_index == HRF_LIBRARY_SIZE - 1)),
     )
     return hrf_index.astype(np.int32)

@@ -49,6 +49,7 @@ import numpy as np
 
 from rtdecoder.bundle import SubjectBundle
 from rtdecoder.calibration.betas import SessionBetas, estimate_session_betas, save_betas
+from rtdecoder.calibration.voxel_selection import AUTO_MASK, RELIABILITY_FILE, select_reliable_voxels
 from rtdecoder.config import RTDecoderConfig
 from rtdecoder.embedding.base import Embedder
 from rtdecoder.embedding.cache import ImageTokens, load_image_tokens
@@ -291,7 +292,9 @@ def calibrate(
         The adapter's name (e.g. ``"sub-08"``).
     mask : ndarray of bool, VoxelMask, MaskSource, str or Path
         The voxel mask: on the reference grid (any voxel order), or a
-        :class:`~rtdecoder.preprocess.registration.MaskSource` to register or resample.
+        :class:`~rtdecoder.preprocess.registration.MaskSource` to register or resample; or
+        ``"auto"``: the ``voxel_selection.n_voxels`` most reliable voxels of the session's EPI brain
+        mask (:mod:`rtdecoder.calibration.voxel_selection`; their scores are saved in the bundle).
     pretrained_dir : str or Path, optional
         A :meth:`MindEye2.save_pretrained` folder (e.g. from ``rtdecoder pretrain``); ``None``
         trains from scratch.
@@ -342,6 +345,14 @@ def calibrate(
             "<stim_id>.png/.jpg files or an embeddings file of them" + (" (not both images and bank_tokens)"
                                                                         if images is not None else "")
         )
+    selection = None
+    if isinstance(mask, str) and mask == AUTO_MASK:
+        if session is not None:
+            raise BundleError(f"{session_dir}: calibrate: mask 'auto' chooses the voxels the betas are estimated on; "
+                              "expected no precomputed session with it")
+        selection = select_reliable_voxels(session_dir, config, progress=progress, reference=reference,
+                                           select=select)
+        mask = selection.mask
     if session is None:
         session = estimate_session_betas(session_dir, config, mask, progress=progress, reference=reference,
                                          select=select)
@@ -440,6 +451,8 @@ def calibrate(
         },
     )
     bundle.save(out_dir, model=model)
+    if selection is not None:
+        selection.save_reliability(out_dir / RELIABILITY_FILE)
     logger.info("bundle written to %s (evaluation %s)", out_dir, evaluation)
     return CalibrationReport(out_dir, evaluation, seconds, int(train_rows.size), dict(session.mask.provenance))
 
@@ -599,8 +612,9 @@ def missing_mask_message(session_dir: str | Path) -> str:
         "phantom subject's mask does not apply). Make a 0/1 NIfTI mask of the voxels to decode: draw it on the "
         f"reference calibration will use, written by 'rtdecoder calibrate --session {session_dir} --write-reference "
         "reference.nii.gz', and pass --mask MASK.nii.gz; or pass a mask drawn on another volume of the subject with "
-        "--mask-space THAT_VOLUME (it is registered); or compute a brain mask of the reference with "
-        "nilearn.masking.compute_epi_mask and save it as NIfTI"
+        "--mask-space THAT_VOLUME (it is registered); or let calibration choose the voxels with --mask auto (the "
+        "voxel_selection.n_voxels most reliable voxels of the reference's EPI brain mask, by the session's repeated "
+        "images)"
     )
 
 

@@ -26,8 +26,10 @@ def add_calibration_commands(groups: argparse._SubParsersAction) -> None:
     calibrate.add_argument("--subject-id", default="sub-08", help="adapter name (default: sub-08)")
     calibrate.add_argument(
         "--mask",
-        help="0/1 NIfTI of the voxels to decode, on the motion reference's grid in any voxel order (required, "
-        "except for sessions the phantom wrote: then the phantom subject's visual-cortex mask)",
+        help="0/1 NIfTI of the voxels to decode, on the motion reference's grid in any voxel order; or 'auto': the "
+        "voxel_selection.n_voxels most reliable voxels (repeated images' betas) of the session's EPI brain mask, "
+        "their scores saved in the bundle as voxel_reliability.nii.gz (required, except for sessions the phantom "
+        "wrote: then the phantom subject's visual-cortex mask)",
     )
     calibrate.add_argument(
         "--mask-space", metavar="VOLUME",
@@ -128,6 +130,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from rtdecoder.calibration.betas import find_runs
     from rtdecoder.calibration.calibrate import calibrate, missing_mask_message, write_reference, written_by_phantom
     from rtdecoder.calibration.pretrain import subject_index
+    from rtdecoder.calibration.voxel_selection import AUTO_MASK
     from rtdecoder.config import load_config
     from rtdecoder.errors import BundleError
     from rtdecoder.preprocess.mask import VoxelMask
@@ -158,6 +161,11 @@ def _calibrate(args: argparse.Namespace) -> int:
             subject.mask, subject.affine, source=f"phantom {args.subject_id} ground-truth visual mask",
             provenance={"file": f"phantom {args.subject_id} ground-truth visual mask", "method": "phantom default"},
         )
+    elif args.mask == AUTO_MASK:
+        if args.mask_space is not None or args.resample_mask:
+            raise BundleError("calibrate: --mask auto: chosen on the session's own grid; expected no --mask-space "
+                              "or --resample-mask with it")
+        mask = AUTO_MASK
     else:
         mask = MaskSource(args.mask, args.mask_space, args.resample_mask)
     images = args.images

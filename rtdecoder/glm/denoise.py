@@ -237,7 +237,7 @@ class GLMDenoiseFit:
         return self.components.first(self.n_chosen) if self.n_chosen else None
 
 
-def epi_brain_mask(reference: np.ndarray, affine: np.ndarray) -> np.ndarray:
+def epi_brain_mask(reference: np.ndarray, affine: np.ndarray, opening: int = 2) -> np.ndarray:
     """A brain mask of an EPI volume (nilearn's ``compute_epi_mask``), on its grid.
 
     Parameters
@@ -246,6 +246,9 @@ def epi_brain_mask(reference: np.ndarray, affine: np.ndarray) -> np.ndarray:
         The motion reference volume.
     affine : ndarray of shape (4, 4)
         Its voxel-to-world matrix, mm.
+    opening : int, default=2
+        Iterations of the morphological opening (nilearn's default 2); it removes specks outside
+        the head and also erodes the brain's edge, where cortex lies.
 
     Returns
     -------
@@ -255,7 +258,7 @@ def epi_brain_mask(reference: np.ndarray, affine: np.ndarray) -> np.ndarray:
     from nilearn.masking import compute_epi_mask
 
     image = nib.Nifti1Image(np.asarray(reference, dtype=np.float32), np.asarray(affine, dtype=np.float64))
-    return np.asarray(compute_epi_mask(image).get_fdata(), dtype=bool)
+    return np.asarray(compute_epi_mask(image, opening=opening).get_fdata(), dtype=bool)
 
 
 def noise_pool_candidates(brain: np.ndarray, mask: np.ndarray, margin_voxels: int | None = None) -> np.ndarray:

@@ -74,8 +74,8 @@ from rtdecoder.glm.design import (
     slice_time_ref_from,
     trial_regressors,
 )
-from rtdecoder.glm.hrf import DEFAULT_HRF_LENGTH_S, HRF_LIBRARY_SIZE, canonical_hrf
-from rtdecoder.glm.hrf import hrf_library as default_hrf_library
+from rtdecoder.glm.hrf import CANONICAL_CANDIDATE, DEFAULT_HRF_LENGTH_S, canonical_hrf
+from rtdecoder.glm.hrf import hrf_candidates
 
 if TYPE_CHECKING:
     from rtdecoder.config import GLMConfig
@@ -146,10 +146,10 @@ class IncrementalGLM:
     hrf : {"canonical", "glover", "spm", "library"}, default="canonical"
         HRF of the trial regressors; "canonical" is Glover's. "library" needs ``hrf_per_voxel``.
     hrf_per_voxel : ndarray of shape (n_voxels,) of int, optional
-        Library row per voxel (from :func:`rtdecoder.glm.hrf.choose_hrf_per_voxel`).
+        Row of ``hrf_library`` per voxel (calibration's choice, :func:`rtdecoder.glm.hrf.choose_library_hrf`).
     hrf_library : ndarray of shape (n_shapes, n_samples), optional
-        Library kernels sampled every ``tr_s / oversampling`` s; default
-        :func:`rtdecoder.glm.hrf.hrf_library`.
+        Kernels sampled every ``tr_s / oversampling`` s; default
+        :func:`rtdecoder.glm.hrf.hrf_candidates` (the library, then the canonical shape).
     drift_model : {"polynomial", "cosine"}, default="polynomial"
         Drift basis over the run.
     drift_order : int, default=2
@@ -166,6 +166,11 @@ class IncrementalGLM:
     publish_refinements : bool, default=True
         After release, publish a refined beta at every volume during which the trial's regressor
         is still non-zero (``is_update=True``).
+    min_residual_dof : int, default=0
+        A due trial's first beta also waits until the volumes used exceed its model's columns
+        (trial, other trials or every started trial for LSA, drift, motion, extra confounds) by
+        this many. Just estimable, the first betas of a run carry most of the noise the confounds
+        could not absorb; refinements and final betas are not held back.
     oversampling : int, default=50
         Samples per TR of the fine grid the regressors are convolved on.
 
@@ -202,6 +207,7 @@ class IncrementalGLM:
         publish_refinements: bool = True,
         oversampling: int = DEFAULT_OVERSAMPLING,
         n_confounds: int = 0,
+        min_residual_dof: int = 0,
     ) -> None:
         self.trials = trials
         self.tr_s = tr_s
@@ -219,6 +225,7 @@ class IncrementalGLM:
         self.publish_refinements = publish_refinements
         self.oversampling = oversampling
         self.n_confounds = n_confounds
+        self.min_residual_dof = min_residual_dof
         self.n_voxels_: int | None = None
 
     @classmethod
@@ -288,7 +295,7 @@ class IncrementalGLM:
             drift_model=config.drift_model, drift_order=config.drift_order,
             high_pass_hz=config.high_pass_hz, motion_confounds=config.motion_confounds,
             beta_wait_s=config.beta_wait_s, publish_refinements=config.publish_refinements,
-            n_confounds=n_confounds,
+            n_confounds=n_confounds, min_residual_dof=config.min_residual_dof,
         )
 
     # ------------------------------------------------------------------ set-up
@@ -471,6 +478,8 @@ class IncrementalGLM:
     def _release(self, tr_index: int) -> list[TrialBeta]:
         latest_time_s = self.frame_times_s_[self.latest_tr_index_]
         due = ~self.released_ & (self.onsets_s_ + self.beta_wait_s <= latest_time_s)
+        if due.any() and self.n_volumes_used_ - self._n_model_columns() < self.min_residual_dof:
+            due[:] = False
         refine = np.zeros_like(due)
         if self.publish_refinements:
             refine = self.released_ & self.live_[tr_index]
@@ -488,6 +497,13 @@ class IncrementalGLM:
         if waiting.size:
             logger.debug("volume %d: %d due trial(s) not estimable yet", tr_index, waiting.size)
         return results
+
+    def _n_model_columns(self) -> int:
+        """Columns of a trial's model as the data stand: LSS trial + others, LSA every started trial; nuisance."""
+        n_nuisance = int(np.count_nonzero(np.diag(self.nuisance_gram_) > 0.0))
+        started = np.einsum("gii->gi", self.gram_) > 0.0
+        n_trials = 2 if self.method == "lss" else int(started.sum(axis=1).max(initial=0))
+        return n_trials + n_nuisance
 
     def _trial_beta(self, j: int, beta: np.ndarray, is_update: bool, is_final: bool) -> TrialBeta:
         tr_index = max(self.latest_tr_index_, 0)
@@ -703,7 +719,7 @@ class IncrementalGLM:
             return [kernel], np.zeros(self.n_voxels_, dtype=np.int64)
         library = self.hrf_library
         if library is None:
-            library = default_hrf_library(self.tr_s, self.oversampling)
+            library = hrf_candidates(self.tr_s, self.oversampling)
         library = np.asarray(library, dtype=np.float64)
         per_voxel = np.asarray(self.hrf_per_voxel, dtype=np.int64)
         # Only the shapes some voxel uses get a design (and statistics).
@@ -721,6 +737,9 @@ class IncrementalGLM:
             )
         if self.beta_wait_s < 0:
             raise ConfigError(f"glm.beta_wait_s: expected >= 0 s (got {self.beta_wait_s!r})")
+        dof = self.min_residual_dof
+        if isinstance(dof, bool) or not isinstance(dof, (int, np.integer)) or dof < 0:
+            raise ConfigError(f"glm.min_residual_dof: expected a whole number >= 0 (got {dof!r})")
         n_confounds = self.n_confounds
         if isinstance(n_confounds, bool) or not isinstance(n_confounds, (int, np.integer)) or n_confounds < 0:
             raise ConfigError(f"n_confounds: expected a whole number >= 0 (got {n_confounds!r})")
@@ -748,7 +767,7 @@ class IncrementalGLM:
             raise ConfigError(
                 f"hrf_library: expected shape (n_shapes, n_samples) (got {np.shape(self.hrf_library)})"
             )
-        n_shapes = len(self.hrf_library) if self.hrf_library is not None else HRF_LIBRARY_SIZE
+        n_shapes = len(self.hrf_library) if self.hrf_library is not None else CANONICAL_CANDIDATE + 1
         if per_voxel.shape != (n_voxels,) or not np.issubdtype(per_voxel.dtype, np.integer):
             raise ConfigError(
                 f"hrf_per_voxel: expected {n_voxels} integer library indices (got shape "
