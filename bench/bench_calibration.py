@@ -44,7 +44,8 @@ averaged (final betas) beside them, and those of the offline calibration path on
 ``--seeds N`` calibrates (a) and (b) N times, with ``training.seed`` = seed, seed+1, ... (the
 new adapter's initial weights, the shuffling, mixup and dropout draws), and reports the means
 with each seed's figures in the JSON: one calibration is a single draw, and its figures move by
-a few points from seed to seed.
+a few points from seed to seed. With N > 1, the ``_seed_ensemble`` rows score the mean of the N
+calibrations' predicted tokens.
 
 Also measured: pretraining seconds per epoch, calibration seconds (betas, training) and the peak
 resident memory of the process (``resource.getrusage``). Prints a table and writes
@@ -179,6 +180,10 @@ def main() -> None:
             seconds[f"calibration_training_{name[0]}_seed{seed}"] = time.perf_counter() - started
             per_seed.append(evaluate_bundle(bundle_dir, sid, test_z, test_tokens, report) | {"seed": seed})
         results[name] = _mean_over_seeds(per_seed)
+        if len(seeds) > 1:
+            # The seeds' predictions averaged: what an ensemble of the calibrations would retrieve.
+            bundle_dirs = [work / f"bundle-{name[0]}"] + [work / f"bundle-{name[0]}-seed{s}" for s in seeds[1:]]
+            results[f"{name}_seed_ensemble"] = ensemble_evaluation(bundle_dirs, sid, test_z, test_tokens)
     if not args.live_only:
         started = time.perf_counter()
         results["c_ridge_1_session"] = _ridge(session, tokens, test_z, test_tokens)
@@ -401,6 +406,17 @@ def evaluate_bundle(bundle_dir: Path, sid: str, test_z, test_tokens, report) -> 
     result = retrieval_evaluation(predict_clip_tokens(model, sid, test_z), test_tokens)
     result["in_session_held_out"] = report.evaluation
     result["seconds"] = {k: round(v, 1) for k, v in report.seconds.items()}
+    return result
+
+
+def ensemble_evaluation(bundle_dirs: list[Path], sid: str, test_z, test_tokens) -> dict:
+    """Retrieval of the mean of several bundles' predicted tokens (calibrations that differ only in seed)."""
+    from rtdecoder.bundle import SubjectBundle
+
+    predicted = np.mean([predict_clip_tokens(SubjectBundle.load(d).load_model(), sid, test_z) for d in bundle_dirs],
+                        axis=0)
+    result = retrieval_evaluation(predicted.astype(np.float32), test_tokens)
+    result["n_models"] = len(bundle_dirs)
     return result
 
 

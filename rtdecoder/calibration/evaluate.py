@@ -24,7 +24,8 @@
 3. **Live figures** (:func:`live_figures`): single-trial retrieval at three moments of each
    trial, as real-time MindEye reports them:
 
-   - ``fast``: the trial's first beta (released ``glm.beta_wait_s`` after onset, about 8 s);
+   - ``fast``: the trial's first beta (released ``glm.beta_wait_s`` after onset, about 8 s; a run's first trials
+     later, held back by ``glm.min_residual_dof``);
    - ``slow``: the latest beta at most ``slow_after_onset_s`` (default 29.5 s, real-time MindEye's
      "slow") after onset, refinements included; with ``slow_after_onset_s=None`` the trial's last
      refinement, the last beta before its regressor ends (about its duration + 32 s);

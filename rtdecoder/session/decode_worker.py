@@ -2,8 +2,10 @@
 
 It runs any :class:`~rtdecoder.decode.protocol.BetaDecoder`. A slow decode never delays a volume
 or a beta: betas are queued by the session thread and decoded here; a reconstruction is skipped
-(``reconstruction: skipped_backlog``) when more than ``session.max_decode_backlog`` betas wait
-behind it. Retrievals are never dropped. A decoder with a ``caption`` method (the live decoder
+(``reconstruction: skipped_backlog``) when more than ``session.max_decode_backlog`` betas of later
+volumes wait behind it. Betas that one volume released together (a run's first trials, which
+``glm.min_residual_dof`` holds back and releases at once) are a burst, not a decoder falling
+behind: they do not count against each other. Retrievals are never dropped. A decoder with a ``caption`` method (the live decoder
 with a captioner) also captions every beta whose reconstruction is made or is off (``caption``,
 ``caption_ms``); a caption that fails is logged and reported, and the decode goes out without it.
 """
@@ -38,6 +40,7 @@ class DecodeJob:
     beta: np.ndarray
     beta_seq: int
     t: dict[str, float | None]
+    tr_index: int = -1  # the volume that released the beta (-1: unknown, counts as its own volume)
 
 
 @dataclass
@@ -118,11 +121,20 @@ class DecodeWorker:
 
     def _decode_safely(self, job: DecodeJob) -> None:
         try:
-            self._decode_one(job, backlog=self.jobs.qsize())
+            self._decode_one(job, backlog=self._later_backlog(job))
         except Exception as err:  # one bad decode must not stop the session
             logger.exception("decoding %s failed", job.trial_id)
             self.publish("status", {"state": "decode_error", "run": job.run, "trial_id": job.trial_id,
                                     "message": f"{type(err).__name__}: {err}"}, {})
+
+    def _later_backlog(self, job: DecodeJob) -> int:
+        """Queued betas behind ``job`` from later volumes (or another run)."""
+        with self.jobs.mutex:  # the queue's own lock: a consistent look at what waits
+            return sum(
+                1 for waiting in self.jobs.queue
+                if waiting is not None and (waiting.tr_index < 0 or (waiting.run, waiting.tr_index) != (job.run,
+                                                                                                    job.tr_index))
+            )
 
     def _decode_one(self, job: DecodeJob, backlog: int) -> None:
         config = self.config

@@ -906,7 +906,8 @@ class _Run:
         )
         worker = self.session._worker
         if wanted and worker is not None and np.all(np.isfinite(beta.beta)):
-            worker.put(DecodeJob(self.plan.run, beta.trial_id, stim_id, beta.beta, message.seq, dict(times)))
+            worker.put(DecodeJob(self.plan.run, beta.trial_id, stim_id, beta.beta, message.seq, dict(times),
+                                 tr_index=beta.tr_index))
 
     # ----------------------------------------------------------------- resuming and live onsets
 
@@ -939,7 +940,8 @@ class _Run:
         if session._worker is not None:
             for message in pending:
                 session._worker.put(DecodeJob(self.plan.run, message.data["trial_id"], message.data.get("stim_id"),
-                                              np.asarray(message.data["beta"]), message.seq, dict(message.t)))
+                                              np.asarray(message.data["beta"]), message.seq, dict(message.t),
+                                              tr_index=int(message.data["tr_index"])))
         logger.info("%s: resumed from the journal at volume %d (%d volumes, %d decodes to redo)",
                     self.plan.run, self.next_index, len(records.volumes), len(pending))
         session.publish("status", {"state": "resumed", "run": self.plan.run, "tr_index": self.next_index}, {})
