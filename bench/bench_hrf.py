@@ -10,7 +10,13 @@ once per HRF setting:
   issue 13: the best single-trial R^2);
 - ``onoff``: the best ON-OFF R^2 (all trials one regressor);
 - ``crossval``: the ON-OFF model fitted on the other runs and scored on each held-out run (the
-  default).
+  default), choosing among the library and the canonical shape, which a voxel keeps unless a
+  library row's lead is consistent over runs (:data:`rtdecoder.glm.hrf.CANONICAL_LEAD_Z`
+  standard errors).
+
+``--lead-z 1,2,2.5,3`` adds a ``crossval`` row per value of that threshold (``crossval_z1`` ...),
+and ``crossval_library`` chooses among the library alone (no canonical candidate), the rule
+before the canonical shape was one.
 
 The phantom's HRFs are inverse-logit shapes (:func:`rtdecoder.phantom.subjects.inverse_logit_hrf`),
 not members of the library, so the library can only approximate them. Reported per setting:
@@ -34,6 +40,7 @@ min per setting for 3 runs on 2 shared cores)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -44,6 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
+import rtdecoder.calibration.betas as betas_module
+import rtdecoder.glm.hrf as hrf_module
 from rtdecoder.calibration.betas import SessionBetas, estimate_session_betas
 from rtdecoder.config import RTDecoderConfig, load_config
 from rtdecoder.glm.events import write_events_tsv
@@ -64,6 +73,7 @@ def main() -> None:
     parser.add_argument("--session", type=int, default=0, help="0-based session")
     parser.add_argument("--runs", type=int, default=3, help="runs of the session (few: each setting re-reads them)")
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {SETTINGS}")
+    parser.add_argument("--lead-z", default="", help="comma-separated CANONICAL_LEAD_Z values for extra crossval rows")
     parser.add_argument("--out", type=Path, default=Path("bench/results/hrf.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -91,6 +101,16 @@ def main() -> None:
         session = estimate_session_betas(session_dir, _variant(config, name), subject.mask, progress=False)
         results[name] = _measure(session, truth, true_peak_s, tr_s, name != "canonical")
         results[name]["seconds"] = round(time.perf_counter() - started, 1)
+    lead_zs = [float(z) for z in args.lead_z.split(",") if z]
+    if lead_zs:
+        extra = {f"crossval_z{z:g}": z for z in lead_zs} | {"crossval_library": None}
+        for name, z in extra.items():
+            started = time.perf_counter()
+            with _lead_rule(z):
+                session = estimate_session_betas(session_dir, _variant(config, "crossval"), subject.mask,
+                                                 progress=False)
+            results[name] = _measure(session, truth, true_peak_s, tr_s, True)
+            results[name]["seconds"] = round(time.perf_counter() - started, 1)
     payload = {
         "benchmark": "hrf",
         "config": args.config,
@@ -112,6 +132,24 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
     _print_table(payload)
+
+
+@contextlib.contextmanager
+def _lead_rule(z: float | None):
+    """Calibration's HRF choice with threshold ``z``, or among the library alone (``None``), for a while."""
+    saved = hrf_module.CANONICAL_LEAD_Z, hrf_module.choose_library_hrf
+    if z is None:
+        def library_only(runs, tr_s, selection="crossval", *args, **kwargs):
+            return saved[1](runs, tr_s, selection, *args[:3], kernels=hrf_library(tr_s), **kwargs)
+        # calibration imports the function by name
+        betas_module.choose_library_hrf = library_only
+    else:
+        hrf_module.CANONICAL_LEAD_Z = z
+    try:
+        yield
+    finally:
+        hrf_module.CANONICAL_LEAD_Z = saved[0]
+        betas_module.choose_library_hrf = saved[1]
 
 
 def true_time_to_peak_s(subject: PhantomSubject) -> np.ndarray:
