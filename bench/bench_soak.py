@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
             watch.mkdir()
             plan = RunPlan(label, watch, simulated.volumes.shape[3], simulated.tr_s, simulated.trials)
             session = LiveSession(config, bundle, session_dir, decoder)
-            summary, received = scan_and_decode(session, plan, simulated, args.speed)
+            summary, received = scan_and_decode(session, plan, simulated, args.speed, series_number=run + 1)
             seqs = [m.seq for m in received]
             gaps = len(set(range(seqs[0], seqs[-1] + 1)) - set(seqs))
             lost += gaps

@@ -199,15 +199,21 @@ def _mask_as_exported(subject: Any, run_dir: Path) -> Any:
     return mask
 
 
-def scan_and_decode(session: Any, plan: Any, simulated: Any, speed: float) -> tuple[Any, list[Any]]:
+def scan_and_decode(
+    session: Any, plan: Any, simulated: Any, speed: float, series_number: int = 1
+) -> tuple[Any, list[Any]]:
     """Play one simulated run through the phantom scanner while ``session`` decodes it live.
 
     A subscriber joins first (it waits for a heartbeat, so nothing is published before it
     listens), then the scanner writes ``simulated`` as Siemens MOSAIC into ``plan.watch_dir`` at
-    ``speed`` times real time. Returns the run's summary and every message the subscriber got.
+    ``speed`` times real time, as series ``series_number`` (a scanner numbers each run's series
+    anew; a session that journaled an ended run takes a later run's files of the same series for
+    that run's and leaves them alone). Returns the run's summary and every message the subscriber
+    got.
     """
     from rtdecoder_client.client import ResultSubscriber
 
+    from rtdecoder.phantom.dicom_export import PixelScaling, SeriesInfo
     from rtdecoder.phantom.scanner import volumes_from_array, write_run
 
     outcome: dict[str, Any] = {}
@@ -230,8 +236,11 @@ def scan_and_decode(session: Any, plan: Any, simulated: Any, speed: float) -> tu
             received.append(message)
     volumes = volumes_from_array(simulated.volumes, simulated.affine, simulated.tr_s, simulated.slice_times_s,
                                  series=plan.run)
+    first = simulated.volumes[..., 0]
+    series = SeriesInfo(series_number=series_number, pixel_scaling=PixelScaling.for_range(
+        float(first.min()), float(first.max()), headroom=0.5))  # write_run's default scaling
     scanner = threading.Thread(target=write_run, args=(volumes, plan.watch_dir), name="rtdecoder-phantom-scanner",
-                               kwargs={"format": "mosaic", "tr_s": simulated.tr_s, "speed": speed})
+                               kwargs={"format": "mosaic", "tr_s": simulated.tr_s, "speed": speed, "series": series})
     scanner.start()
     while True:
         message = subscriber.receive(timeout_s=1.0)
