@@ -310,3 +310,32 @@ def test_slow_subscriber_never_delays_the_session(tmp_path, rng) -> None:
     assert received == [s for s in published if s >= received[0]], "queued messages arrive in order, none lost"
     assert received[-1] == published[-1]
     slow.close()
+
+
+def test_the_phantom_harness_replays_runs_one_after_another_into_one_session(tmp_path) -> None:
+    # bench_soak.py replays a session run by run, a LiveSession per run on one session folder.
+    # Every run was written as series 1, so the second run's files were taken for the journaled,
+    # ended run-01's and the replay waited for ever; each run now has its series number.
+    from types import SimpleNamespace
+
+    from rtdecoder.session.demo import scan_and_decode
+
+    volumes, affine, trials, bundle, _ = _synthetic_run(np.random.default_rng(3))
+    simulated = SimpleNamespace(volumes=volumes, affine=affine, tr_s=TR_S, slice_times_s=None, trials=trials)
+    outcome: dict = {}
+
+    def replay() -> None:
+        for run in range(2):
+            plan = RunPlan(f"run-{run + 1:02d}", tmp_path / f"export-{run + 1}", N_VOLUMES, TR_S, trials)
+            plan.watch_dir.mkdir()
+            session = LiveSession(bundle.config, bundle, tmp_path / "session", FakeDecoder())
+            outcome[plan.run] = scan_and_decode(session, plan, simulated, speed=40.0, series_number=run + 1)
+
+    thread = threading.Thread(target=replay, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), f"the replay hung after {sorted(outcome)}"
+    for run in ("run-01", "run-02"):
+        summary, received = outcome[run]
+        assert summary.n_volumes == N_VOLUMES and summary.n_decoded == len(trials), run
+        assert [m.data["tr_index"] for m in received if m.topic == "volume"] == list(range(N_VOLUMES))
