@@ -280,8 +280,7 @@ def _column_r(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def variants(config, session_dirs: list[Path], mask: np.ndarray, model_dir: Path, work: Path, sid: str,
              tokens: ImageTokens, seed: int) -> dict:
     """(a) with the betas of later GLM steps, and with the automatic mask; one seed each."""
-    from rtdecoder.bundle import SubjectBundle
-    from rtdecoder.preprocess.mask import VoxelMask
+    from rtdecoder.calibration.voxel_selection import select_reliable_voxels
 
     seeded = config.model_copy(update={"training": config.training.model_copy(update={"seed": seed})})
     out = {}
@@ -290,18 +289,13 @@ def variants(config, session_dirs: list[Path], mask: np.ndarray, model_dir: Path
         started = time.perf_counter()
         variant = _with_glm(seeded, BETA_STEPS[step]) if step else seeded
         bundle_dir = work / f"bundle-{name}"
-        if step is None:
-            report = calibrate(variant, session_dirs[0], bundle_dir, sid, "auto", pretrained_dir=model_dir,
-                               images=tokens)
-            bundle = SubjectBundle.load(bundle_dir)
-            variant_mask = VoxelMask(bundle.mask, bundle.affine, source="the bundle's automatic mask")
-            overlap = float((bundle.mask & mask).sum() / bundle.mask.sum())
-        else:
-            variant_mask, overlap = mask, None
+        variant_mask, overlap = mask, None
+        if step is None:  # what calibrate --mask auto chooses, its betas estimated once with the other sessions'
+            variant_mask = select_reliable_voxels(session_dirs[0], variant, progress=False).mask
+            overlap = float((variant_mask.grid & mask).sum() / variant_mask.n_voxels)
         sessions = [estimate_session_betas(d, variant, variant_mask, progress=False) for d in session_dirs]
-        if step is not None:
-            report = calibrate(variant, session_dirs[0], bundle_dir, sid, mask, pretrained_dir=model_dir,
-                               session=sessions[0], images=tokens)
+        report = calibrate(variant, session_dirs[0], bundle_dir, sid, variant_mask, pretrained_dir=model_dir,
+                           session=sessions[0], images=tokens)
         test_z, test_tokens = test_set(sessions, tokens)
         out[name] = _mean_over_seeds([evaluate_bundle(bundle_dir, sid, test_z, test_tokens, report) | {"seed": seed}])
         out[name]["seconds"] = round(time.perf_counter() - started, 1)

@@ -358,14 +358,7 @@ class SubjectBundle:
         mask_img = _read_nifti(directory / "mask.nii.gz")
         mask = np.asarray(mask_img.dataobj) > 0
         reference = np.asarray(_read_nifti(directory / "reference.nii.gz").dataobj, dtype=np.float32)
-        stats_path = directory / "stats.safetensors"
-        try:
-            stats = load_file(str(stats_path))
-        except (OSError, ValueError, SafetensorError) as err:
-            raise BundleError(f"{stats_path}: cannot read statistics: {err}") from None
-        for key in STATS_KEYS:
-            if key not in stats:
-                raise BundleError(f"{stats_path}: missing tensor {key!r}")
+        stats = _read_tensors(directory / "stats.safetensors", STATS_KEYS, "statistics")
         model_dir = directory / "model"
         glmdenoise = _read_glmdenoise(directory / GLMDENOISE_NAME, int(metadata.get("glmdenoise_n_components", 0)))
         bundle = cls(
@@ -531,6 +524,18 @@ def _arch_name(arch: str) -> str:
     return Path(arch).stem if arch.endswith(".json") else arch
 
 
+def _read_tensors(path: Path, keys: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
+    """A safetensors file of the bundle, with every tensor in ``keys`` (an error names the file and the key)."""
+    try:
+        tensors = load_file(str(path))
+    except (OSError, ValueError, SafetensorError) as err:
+        raise BundleError(f"{path}: cannot read {what}: {err}") from None
+    for key in keys:
+        if key not in tensors:
+            raise BundleError(f"{path}: missing tensor {key!r}")
+    return tensors
+
+
 def _read_glmdenoise(path: Path, n_components: int) -> NoiseComponents | None:
     """The noise components of ``glmdenoise.safetensors``; None when metadata.json records none."""
     if not path.is_file():
@@ -539,13 +544,7 @@ def _read_glmdenoise(path: Path, n_components: int) -> NoiseComponents | None:
                 f"{path}: missing, but metadata.json records glmdenoise_n_components {n_components}"
             )
         return None
-    try:
-        tensors = load_file(str(path))
-    except (OSError, ValueError, SafetensorError) as err:
-        raise BundleError(f"{path}: cannot read noise components: {err}") from None
-    for key in GLMDENOISE_KEYS:
-        if key not in tensors:
-            raise BundleError(f"{path}: missing tensor {key!r}")
+    tensors = _read_tensors(path, GLMDENOISE_KEYS, "noise components")
     components = NoiseComponents(
         tensors["pool_ijk"].astype(np.int64), tensors["pool_mean"], tensors["pool_std"], tensors["components"]
     )

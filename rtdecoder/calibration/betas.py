@@ -1082,6 +1082,30 @@ def _fill_missing(rows: np.ndarray) -> np.ndarray:
     return filled
 
 
+def session_reference(
+    session_dir: str | Path,
+    reference: str | Path | None = None,
+    select: Mapping[str, str | int] | None = None,
+    default_tr_s: float | None = None,
+) -> Volume:
+    """The motion reference calibration of ``session_dir`` uses: ``reference``, or the first run's middle volume.
+
+    Parameters
+    ----------
+    session_dir, select
+        As in :func:`find_runs`.
+    reference : str or Path, optional
+        A volume file to use instead (:func:`choose_reference`).
+    default_tr_s : float, optional
+        The TR for volume files that carry none (:func:`read_run_volumes`).
+
+    Returns
+    -------
+    Volume
+    """
+    return choose_reference(read_run_volumes(find_runs(session_dir, select)[0], default_tr_s), reference)
+
+
 def choose_reference(first_run: Sequence[Volume], reference: str | Path | Volume | None = None) -> Volume:
     """The motion reference of a session: the given volume, else the middle volume of the first run.
 

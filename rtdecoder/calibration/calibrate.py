@@ -544,12 +544,12 @@ def write_reference(
     """
     import nibabel as nib
 
-    from rtdecoder.calibration.betas import choose_reference, find_runs, read_run_volumes
+    from rtdecoder.calibration.betas import session_reference
 
     out_path = Path(out_path)
     if not out_path.name.lower().endswith((".nii", ".nii.gz")):
         raise BundleError(f"{out_path}: --write-reference: expected a .nii or .nii.gz file name")
-    volume = choose_reference(read_run_volumes(find_runs(session_dir, select)[0]), reference)
+    volume = session_reference(session_dir, reference, select)
     image = nib.Nifti1Image(np.asarray(volume.data, dtype=np.float32), volume.affine)
     image.set_qform(volume.affine, code=1)
     image.set_sform(volume.affine, code=1)

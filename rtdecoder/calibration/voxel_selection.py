@@ -155,12 +155,11 @@ def select_reliable_voxels(
         If the session repeats fewer than :data:`MIN_REPEATED_IMAGES` images, or its brain has
         fewer voxels than ``voxel_selection.n_voxels``.
     """
-    from rtdecoder.calibration.betas import choose_reference, estimate_session_betas, find_runs, read_run_volumes
+    from rtdecoder.calibration.betas import estimate_session_betas, session_reference
     from rtdecoder.glm.denoise import epi_brain_mask
 
     n_keep = config.voxel_selection.n_voxels
-    runs = find_runs(session_dir, select)
-    reference_volume = choose_reference(read_run_volumes(runs[0], config.scanner.tr_s), reference)
+    reference_volume = session_reference(session_dir, reference, select, config.scanner.tr_s)
     affine = np.asarray(reference_volume.affine, dtype=np.float64)
     # No opening: it erodes the brain's edge, where cortex lies (on the phantom it left out 7% of
     # the visual voxels); what is not brain has no reliable responses and is not chosen.
