@@ -41,11 +41,14 @@ averaged (final betas) beside them, and those of the offline calibration path on
 ``--live-only`` measures (a) and the live figures only (no (b), (c), (d); one seed; JSON in
 ``bench/results/calibration-live.json``).
 
-``--seeds N`` calibrates (a) and (b) N times, with ``training.seed`` = seed, seed+1, ... (the
-new adapter's initial weights, the shuffling, mixup and dropout draws), and reports the means
-with each seed's figures in the JSON: one calibration is a single draw, and its figures move by
-a few points from seed to seed. With N > 1, the ``_seed_ensemble`` rows score the mean of the N
-calibrations' predicted tokens.
+``--seeds N`` calibrates (a) and (b) N times as single models (``training.ensemble_size`` 1),
+with ``training.seed`` = seed, seed+1, ... (the new adapter's initial weights, the shuffling,
+mixup and dropout draws), and reports the means with each seed's figures in the JSON: one
+calibration is a single draw, and its figures move by a few points from seed to seed. With N > 1,
+the ``_seed_ensemble`` rows score the bundle of the N models decoded together
+(:class:`~rtdecoder.decode.ensemble.ModelEnsemble`): what ``calibrate`` writes with
+``training.ensemble_size`` N (the phantom preset's 3), its members being exactly these
+calibrations. ``--live`` then measures both bundle (a) of the first seed and the ensemble.
 
 Also measured: pretraining seconds per epoch, calibration seconds (betas, training) and the peak
 resident memory of the process (``resource.getrusage``). Prints a table and writes
@@ -172,7 +175,7 @@ def main() -> None:
     for name, pretrained in settings:
         per_seed = []
         for seed in seeds:
-            seeded = config.model_copy(update={"training": config.training.model_copy(update={"seed": seed})})
+            seeded = single_model(config, seed)
             bundle_dir = work / f"bundle-{name[0]}" if seed == seeds[0] else work / f"bundle-{name[0]}-seed{seed}"
             started = time.perf_counter()
             report = calibrate(seeded, session_dirs[0], bundle_dir, sid, mask, pretrained_dir=pretrained,
@@ -181,9 +184,10 @@ def main() -> None:
             per_seed.append(evaluate_bundle(bundle_dir, sid, test_z, test_tokens, report) | {"seed": seed})
         results[name] = _mean_over_seeds(per_seed)
         if len(seeds) > 1:
-            # The seeds' predictions averaged: what an ensemble of the calibrations would retrieve.
             bundle_dirs = [work / f"bundle-{name[0]}"] + [work / f"bundle-{name[0]}-seed{s}" for s in seeds[1:]]
-            results[f"{name}_seed_ensemble"] = ensemble_evaluation(bundle_dirs, sid, test_z, test_tokens)
+            ensemble_dir = ensemble_bundle(bundle_dirs, work / f"bundle-{name[0]}-ensemble")
+            results[f"{name}_seed_ensemble"] = evaluate_bundle(ensemble_dir, sid, test_z, test_tokens) | {
+                "n_models": len(bundle_dirs)}
     if not args.live_only:
         started = time.perf_counter()
         results["c_ridge_1_session"] = _ridge(session, tokens, test_z, test_tokens)
@@ -204,7 +208,10 @@ def main() -> None:
     live = None
     if (args.live or args.live_only) and n_sessions > 1:
         started = time.perf_counter()
-        live = live_evaluation(config, work / "bundle-a", session_dirs[1], sessions[1], tokens)
+        live = {"a_first_seed": live_evaluation(config, work / "bundle-a", session_dirs[1], sessions[1], tokens)}
+        if (work / "bundle-a-ensemble").is_dir() and len(seeds) > 1:
+            live["a_seed_ensemble"] = live_evaluation(config, work / "bundle-a-ensemble", session_dirs[1], sessions[1],
+                                                      tokens)
         seconds["live_session_1"] = time.perf_counter() - started
 
     payload = {
@@ -282,7 +289,7 @@ def variants(config, session_dirs: list[Path], mask: np.ndarray, model_dir: Path
     """(a) with the betas of later GLM steps, and with the automatic mask; one seed each."""
     from rtdecoder.calibration.voxel_selection import select_reliable_voxels
 
-    seeded = config.model_copy(update={"training": config.training.model_copy(update={"seed": seed})})
+    seeded = single_model(config, seed)
     out = {}
     for name, step in (("a_plus_glmdenoise", "plus_glmdenoise"), ("a_plus_glmdenoise_fracridge", "plus_fracridge"),
                        ("a_auto_mask", None)):
@@ -392,26 +399,46 @@ def test_set(sessions: list, tokens: ImageTokens | np.ndarray) -> tuple[np.ndarr
     return mean_z, trial_tokens([first[str(image)] for image in images], tokens)
 
 
-def evaluate_bundle(bundle_dir: Path, sid: str, test_z, test_tokens, report) -> dict:
-    """Retrieval of a saved bundle on the averaged test betas, with its in-session evaluation."""
+def single_model(config, seed: int):
+    """The config with ``training.seed`` = seed and one model (``training.ensemble_size`` 1)."""
+    return config.model_copy(update={"training": config.training.model_copy(update={"seed": seed,
+                                                                                     "ensemble_size": 1})})
+
+
+def evaluate_bundle(bundle_dir: Path, sid: str, test_z, test_tokens, report=None) -> dict:
+    """Retrieval of a saved bundle on the averaged test betas, with its in-session evaluation (given ``report``)."""
     from rtdecoder.bundle import SubjectBundle
 
     model = SubjectBundle.load(bundle_dir).load_model()
     result = retrieval_evaluation(predict_clip_tokens(model, sid, test_z), test_tokens)
-    result["in_session_held_out"] = report.evaluation
-    result["seconds"] = {k: round(v, 1) for k, v in report.seconds.items()}
+    if report is not None:
+        result["in_session_held_out"] = report.evaluation
+        result["seconds"] = {k: round(v, 1) for k, v in report.seconds.items()}
     return result
 
 
-def ensemble_evaluation(bundle_dirs: list[Path], sid: str, test_z, test_tokens) -> dict:
-    """Retrieval of the mean of several bundles' predicted tokens (calibrations that differ only in seed)."""
+def ensemble_bundle(bundle_dirs: list[Path], out_dir: Path) -> Path:
+    """The bundle ``calibrate`` writes with ``training.ensemble_size`` N, from N single calibrations of one
+    session's betas with seeds seed, seed+1, ... (the same models: each member is trained as one of them).
+
+    The first bundle's statistics, mask and betas are every bundle's (one session, one GLM); the
+    ensemble's in-session evaluation is not repeated here.
+    """
+    import shutil
+
     from rtdecoder.bundle import SubjectBundle
+    from rtdecoder.decode.ensemble import ModelEnsemble
 
-    predicted = np.mean([predict_clip_tokens(SubjectBundle.load(d).load_model(), sid, test_z) for d in bundle_dirs],
-                        axis=0)
-    result = retrieval_evaluation(predicted.astype(np.float32), test_tokens)
-    result["n_models"] = len(bundle_dirs)
-    return result
+    bundles = [SubjectBundle.load(d) for d in bundle_dirs]
+    first = bundles[0]
+    training = first.config.training.model_copy(update={"ensemble_size": len(bundles)})
+    first.config = first.config.model_copy(update={"training": training})
+    first.evaluation = {"note": f"seed ensemble of {', '.join(str(d) for d in bundle_dirs)}"}
+    models = ModelEnsemble([b.load_model() for b in bundles])
+    shutil.rmtree(out_dir, ignore_errors=True)
+    first.save(out_dir, model=models)
+    shutil.copytree(bundle_dirs[0] / "betas", out_dir / "betas")
+    return out_dir
 
 
 def _mean_over_seeds(per_seed: list[dict]) -> dict:
@@ -476,19 +503,23 @@ def _print_table(payload: dict) -> None:
     pre = payload["pretrain"]
     print(f"pretraining: {pre['train_s_per_epoch']} s/epoch ({pre['epochs']} epochs, {sum(pre['n_trials'].values())} "
           f"trials of {len(pre['subjects'])} subjects)")
-    live = payload.get("live")
-    if live is not None:
-        from rtdecoder.calibration.evaluate import format_table
-
-        print(f"\n(a) on the held-out subject's session 1, through the bundle's live front end:\n{format_table(live)}")
-        offline = live["offline_own_reference"]["test_set"]
-        if "image_top1" in offline:
-            print(f"offline path on the same session (its own reference), repeats averaged, among the test set of "
-                  f"{offline['pool_size']}: image {100 * offline['image_top1']:.1f}% / top-5 "
-                  f"{100 * offline['image_top5']:.1f}%, brain {100 * offline['brain_top1']:.1f}% / top-5 "
-                  f"{100 * offline['brain_top5']:.1f}%")
+    for name, live in payload.get("live", {}).items():
+        print_live(name, live)
     print("seconds: " + ", ".join(f"{k} {v}" for k, v in payload["seconds"].items()))
     print(f"peak memory: {payload['peak_rss_mb']} MB")
+
+
+def print_live(name: str, live: dict) -> None:
+    """The live table of one bundle, with the offline path on the same session beside it."""
+    from rtdecoder.calibration.evaluate import format_table
+
+    print(f"\n{name} on the held-out session, through the bundle's live front end:\n{format_table(live)}")
+    offline = live["offline_own_reference"]["test_set"]
+    if "image_top1" in offline:
+        print(f"offline path on the same session (its own reference), repeats averaged, among the test set of "
+              f"{offline['pool_size']}: image {100 * offline['image_top1']:.1f}% / top-5 "
+              f"{100 * offline['image_top5']:.1f}%, brain {100 * offline['brain_top1']:.1f}% / top-5 "
+              f"{100 * offline['brain_top5']:.1f}%")
 
 
 if __name__ == "__main__":

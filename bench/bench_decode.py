@@ -2,13 +2,15 @@
 
 Prints a table (median and p95 over ``--repeats`` decodes of one trial) and writes JSON to
 ``bench/results/bench_decode.json``. The MindEye2 model has random weights at the phantom sizes
-(latency does not depend on the values); the phantom generator is the trained teacher/student
+(latency does not depend on the values), as many models as the preset decodes together
+(``training.ensemble_size``, :class:`~rtdecoder.decode.ensemble.ModelEnsemble`; ``--models`` to
+change it); the phantom generator is the trained teacher/student
 from ``rtdecoder engines train-generator`` when its cache exists, otherwise an untrained network
 of the same size (marked so in the table). With trained generators, ``--quality`` also reports
 teacher vs student two-way identification (EfficientNet-Lite0 pooled features), PixCorr and SSIM
 on the held-out stimuli, reconstructing from their true tokens.
 
-Usage: python bench/bench_decode.py [--repeats 30] [--threads 2] [--quality]
+Usage: python bench/bench_decode.py [--repeats 30] [--threads 2] [--models N] [--quality]
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", type=int, help="models decoded together (default: the preset's "
+                        "training.ensemble_size)")
     parser.add_argument("--quality", action="store_true")
     parser.add_argument("--out", default="bench/results/bench_decode.json")
     args = parser.parse_args()
@@ -58,14 +62,19 @@ def main() -> None:
 
     from rtdecoder.config import load_config
     from rtdecoder.decode.engine import sample_prior
+    from rtdecoder.decode.ensemble import ModelEnsemble
     from rtdecoder.decode.model import MindEye2
     from rtdecoder.engines.onnx_export import export_onnx
     from rtdecoder.engines.onnx_runtime import OnnxRuntimeEngine
     from rtdecoder.engines.torch_backend import TorchEngine
 
     config = load_config("phantom")
-    torch.manual_seed(0)
-    model = MindEye2(config.model, {"sub-01": config.phantom.n_voxels}).eval()
+    n_models = args.models or config.training.ensemble_size
+    members = []
+    for seed in range(n_models):
+        torch.manual_seed(seed)
+        members.append(MindEye2(config.model, {"sub-01": config.phantom.n_voxels}).eval())
+    model = members[0] if n_models == 1 else ModelEnsemble(members).eval()
     betas = torch.randn(1, config.phantom.n_voxels)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_engine = OnnxRuntimeEngine(export_onnx(model, "sub-01", tmp), n_threads=args.threads)
@@ -89,19 +98,21 @@ def main() -> None:
                         for key, dt in stages:
                             times[key].append(1000 * dt)
                 row = {"backend": engine.name, "generator": generator.name + ("" if trained else " (untrained)"),
-                       "prior_steps": prior_steps, "image_steps": gen_steps}
+                       "models": n_models, "prior_steps": prior_steps, "image_steps": gen_steps}
                 for key, values in times.items():
                     row[f"{key}_median_ms"] = float(np.median(values))
                     row[f"{key}_p95_ms"] = float(np.percentile(values, 95))
                 rows.append(row)
-    print(f"phantom preset, {args.threads} threads, {args.repeats} decodes; target total <= {TARGET_MS:.0f} ms")
+    print(f"phantom preset, {n_models} model(s) decoded together, {args.threads} threads, {args.repeats} decodes; "
+          f"target total <= {TARGET_MS:.0f} ms")
     print(f"{'backend':20s} {'generator':28s} {'prior':>5s} {'img':>4s} {'tokens':>7s} {'prior':>7s} "
           f"{'image':>7s} {'total':>7s} {'p95':>7s}")
     for r in rows:
         print(f"{r['backend']:20s} {r['generator']:28s} {r['prior_steps']:5d} {r['image_steps']:4d} "
               f"{r['tokens_median_ms']:7.1f} {r['prior_median_ms']:7.1f} {r['image_median_ms']:7.1f} "
               f"{r['total_median_ms']:7.1f} {r['total_p95_ms']:7.1f}")
-    result = {"rows": rows, "threads": args.threads, "repeats": args.repeats, "target_ms": TARGET_MS}
+    result = {"rows": rows, "models": n_models, "threads": args.threads, "repeats": args.repeats,
+              "target_ms": TARGET_MS}
     if args.quality:
         result["quality"] = _quality(config, generators)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -6,14 +6,19 @@ development subject, never on the held-out one, so this bench repeats the measur
 ``sub-07`` with the ``dev-subject`` protocol of ``bench_finetune_lr_scale.py``: pretrain on
 ``sub-01``..``sub-06``, calibrate ``sub-07`` on its session 0 through the real volume path once per
 training seed (the preset's recipe otherwise), and score on its test images, repeats over all
-sessions averaged, among 300: each seed, their mean, and the ensemble (mean of the seeds'
-predicted tokens).
+sessions averaged, among 300: each seed (one model each, ``training.ensemble_size`` 1), their
+mean, and the ensemble: the bundle of the seeds' models decoded together, as ``calibrate`` writes it
+with ``training.ensemble_size`` N (:class:`~rtdecoder.decode.ensemble.ModelEnsemble`). This is the
+measurement the phantom preset's ``ensemble_size: 3`` was chosen on.
+
+``--live`` adds the live figures (fast / slow / end of run; ``rtdecoder evaluate``'s path) of the
+first seed's bundle and of the ensemble on ``sub-07``'s session 1, which neither saw.
 
 Prints a table and writes ``bench/results/seed_ensemble-dev-subject.json``. It shares
 ``bench_finetune_lr_scale.py``'s cache (the dev pretraining and volumes); about 30 minutes on 2
 cores from an empty cache::
 
-    python bench/bench_seed_ensemble.py --seeds 3
+    python bench/bench_seed_ensemble.py --seeds 3 [--live]
 """
 
 from __future__ import annotations
@@ -27,13 +32,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_calibration import ensemble_evaluation, evaluate_bundle, held_out_session_dirs, test_set
+from bench_calibration import (
+    ensemble_bundle,
+    evaluate_bundle,
+    held_out_session_dirs,
+    live_evaluation,
+    print_live,
+    single_model,
+    test_set,
+)
 from bench_finetune_lr_scale import DEV_SUBJECT
 
 from rtdecoder.calibration.betas import estimate_session_betas
 from rtdecoder.calibration.calibrate import calibrate
 from rtdecoder.calibration.pretrain import pretrain, subject_id
 from rtdecoder.config import load_config
+from rtdecoder.phantom.decoding import phantom_image_tokens
 from rtdecoder.phantom.world import PhantomWorld
 
 logger = logging.getLogger("bench_seed_ensemble")
@@ -44,6 +58,7 @@ def main() -> None:
     parser.add_argument("--config", default="phantom")
     parser.add_argument("--work", default="rtdecoder-cache/bench-calibration", help="cache of bench_calibration.py")
     parser.add_argument("--seeds", type=int, default=3, help="calibrations, training.seed = seed, seed+1, ...")
+    parser.add_argument("--live", action="store_true", help="also the live figures on sub-07's session 1")
     parser.add_argument("--out", default="bench/results/seed_ensemble-dev-subject.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -52,6 +67,7 @@ def main() -> None:
     config = load_config(args.config)
     work = Path(args.work)
     world = PhantomWorld(config, progress=False)
+    tokens = phantom_image_tokens(config, world=world)
     pretrained = [s for s in range(7) if s != DEV_SUBJECT]
     model_dir = pretrain(config, work / "pretrained-dev", pretrained, range(config.experiment.sessions_per_subject),
                          world=world)
@@ -59,22 +75,26 @@ def main() -> None:
                                          subject=DEV_SUBJECT)
     mask = world.subject(DEV_SUBJECT).mask
     sessions = [estimate_session_betas(d, config, mask, progress=False) for d in session_dirs]
-    test_z, test_tokens = test_set(sessions, world.embedding.tokens)
+    test_z, test_tokens = test_set(sessions, tokens)
     sid = subject_id(DEV_SUBJECT)
     per_seed, bundle_dirs = [], []
     for seed in range(config.training.seed, config.training.seed + args.seeds):
         started = time.perf_counter()
-        seeded = config.model_copy(update={"training": config.training.model_copy(update={"seed": seed})})
+        seeded = single_model(config, seed)
         bundle_dir = work / f"bundle-dev-seed{seed}"
         report = calibrate(seeded, session_dirs[0], bundle_dir, sid, mask, pretrained_dir=model_dir,
-                           session=sessions[0], bank_tokens=world.embedding.tokens, embedding_name="phantom",
-                           progress=False)
+                           session=sessions[0], images=tokens, progress=False)
         scores = evaluate_bundle(bundle_dir, sid, test_z, test_tokens, report)
         scores.update(seed=seed, seconds=round(time.perf_counter() - started, 1))
         per_seed.append(scores)
         bundle_dirs.append(bundle_dir)
         logger.info("seed %d: image %.3f, brain %.3f", seed, scores["image_top1"], scores["brain_top1"])
-    ensemble = ensemble_evaluation(bundle_dirs, sid, test_z, test_tokens)
+    ensemble_dir = ensemble_bundle(bundle_dirs, work / "bundle-dev-ensemble")
+    ensemble = evaluate_bundle(ensemble_dir, sid, test_z, test_tokens) | {"n_models": len(bundle_dirs)}
+    live = {}
+    if args.live:
+        for name, bundle_dir in (("first_seed", bundle_dirs[0]), ("seed_ensemble", ensemble_dir)):
+            live[name] = live_evaluation(config, bundle_dir, session_dirs[1], sessions[1], tokens)
     mean = {key: round(float(np.mean([r[key] for r in per_seed])), 4) for key in ("image_top1", "brain_top1")}
     payload = {
         "benchmark": "seed_ensemble",
@@ -85,6 +105,7 @@ def main() -> None:
         "per_seed": per_seed,
         "mean_of_seeds": mean,
         "ensemble": ensemble,
+        **({"live": live} if live else {}),
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "processor": platform.processor()},
     }
@@ -96,7 +117,9 @@ def main() -> None:
     for r in per_seed:
         print(f"{'seed ' + str(r['seed']):<26} {r['image_top1']:>12.1%} {r['brain_top1']:>12.1%}")
     print(f"{'mean of the seeds':<26} {mean['image_top1']:>12.1%} {mean['brain_top1']:>12.1%}")
-    print(f"{'ensemble (tokens averaged)':<26} {ensemble['image_top1']:>12.1%} {ensemble['brain_top1']:>12.1%}")
+    print(f"{'ensemble (one bundle)':<26} {ensemble['image_top1']:>12.1%} {ensemble['brain_top1']:>12.1%}")
+    for name, figures in live.items():
+        print_live(name, figures)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ Layout (written by :meth:`SubjectBundle.save`, checked by :meth:`SubjectBundle.l
       glmdenoise.safetensors  GLMdenoise noise components (only with glm.glmdenoise and a count above 0):
                           pool_ijk, pool_mean, pool_std, components (rtdecoder.glm.denoise.NoiseComponents)
       model/              the fine-tuned MindEye2 (shared weights + this subject's adapter)
+      model-1/, model-2/  with ``training.ensemble_size`` N > 1: the calibrations of seeds 1..N-1 more,
+                          decoded together with model/ (rtdecoder.decode.ensemble); metadata n_models
       evaluation.json     held-out retrieval (optional)
       engines/            inference engines built from model/ (optional; see rtdecoder.engines.store)
         onnxruntime-<key>/  encoder.onnx, denoiser.onnx, engine.json
@@ -34,6 +36,8 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +62,8 @@ GLMDENOISE_NAME = "glmdenoise.safetensors"
 #: The tensors of ``glmdenoise.safetensors``: :class:`~rtdecoder.glm.denoise.NoiseComponents`' arrays.
 GLMDENOISE_KEYS = ("pool_ijk", "pool_mean", "pool_std", "components")
 ENGINES_DIR_NAME = "engines"
+MODEL_DIR_NAME = "model"
+_EXTRA_MODEL_DIR = re.compile(r"model-[0-9]+")
 #: The files of a model folder (``MindEye2.save_pretrained``) that its digest covers.
 MODEL_FILES = ("config.json", "model.safetensors")
 _HASH_CHUNK_BYTES = 16 << 20
@@ -127,6 +133,28 @@ def model_folder_digest(model_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
+def model_dir_names(n_models: int) -> list[str]:
+    """The bundle's model folders for ``n_models`` members: ``model``, ``model-1``, ``model-2``, ..."""
+    return [MODEL_DIR_NAME] + [f"{MODEL_DIR_NAME}-{i}" for i in range(1, n_models)]
+
+
+def models_digest(model_dirs: list[Path]) -> str:
+    """The digest of one model folder (:func:`model_folder_digest`), or of an ensemble's folders in order."""
+    if len(model_dirs) == 1:
+        return model_folder_digest(model_dirs[0])
+    digest = hashlib.sha256()
+    for folder in model_dirs:
+        digest.update(f"{folder.name}\0{model_folder_digest(folder)}\0".encode())
+    return digest.hexdigest()
+
+
+def _models_file_stats(model_dirs: list[Path]) -> dict[str, Any]:
+    """:func:`_model_file_stats` of one model folder, or of each of an ensemble's by folder name."""
+    if len(model_dirs) == 1:
+        return _model_file_stats(model_dirs[0])
+    return {folder.name: _model_file_stats(folder) for folder in model_dirs}
+
+
 def _model_file_stats(model_dir: Path) -> dict[str, dict[str, int]]:
     """Size (bytes) and modification time (ns) of each model file: when both are unchanged, the
     digest recorded with them still holds."""
@@ -160,7 +188,10 @@ class SubjectBundle:
     hrf_index : ndarray of int32, shape (n_voxels,)
         Chosen HRF library index per mask voxel (all 0 with the canonical HRF).
     model_dir : Path or None
-        The fine-tuned model folder (``MindEye2.from_pretrained``).
+        The fine-tuned model folder (``MindEye2.from_pretrained``); of an ensemble, the first member's.
+    n_models : int
+        Calibrations decoded together (``training.ensemble_size``): ``model/`` and, when above 1,
+        ``model-1/`` .. ``model-<n-1>/`` beside it (:attr:`model_dirs`).
     embedding_name : str
         The embedder's full name (model and weights) the model predicts.
     evaluation : dict
@@ -191,6 +222,14 @@ class SubjectBundle:
     metadata: dict[str, Any] = field(default_factory=dict)
     directory: Path | None = None
     glmdenoise: NoiseComponents | None = None
+    n_models: int = 1
+
+    @property
+    def model_dirs(self) -> list[Path]:
+        """Every model folder, ``model_dir`` first (empty without a model)."""
+        if self.model_dir is None:
+            return []
+        return [self.model_dir.parent / name for name in model_dir_names(self.n_models)]
 
     @property
     def n_voxels(self) -> int:
@@ -203,7 +242,8 @@ class SubjectBundle:
         return None if self.directory is None else self.directory / ENGINES_DIR_NAME
 
     def model_sha256(self) -> str:
-        """Digest of the model's files (:func:`model_folder_digest`), the key of its engines.
+        """Digest of the model's files (:func:`models_digest`: of every member's, for an ensemble), the
+        key of its engines.
 
         ``save`` records it in ``metadata.json`` with each file's size and modification time; while
         those are unchanged the recorded digest is used, otherwise (files replaced, or copied
@@ -218,15 +258,15 @@ class SubjectBundle:
             raise BundleError(f"subject {self.subject_id}: the bundle holds no model (calibrated without one)")
         recorded = self.metadata.get("model_sha256")
         try:
-            unchanged = recorded is not None and self.metadata.get("model_files") == _model_file_stats(self.model_dir)
+            unchanged = recorded is not None and self.metadata.get("model_files") == _models_file_stats(self.model_dirs)
         except OSError:
             unchanged = False  # a missing file: model_folder_digest names it
         if unchanged:
             return str(recorded)
         logger.info("%s: hashing the model files (no digest recorded for them as they are now)", self.model_dir)
-        digest = model_folder_digest(self.model_dir)
+        digest = models_digest(self.model_dirs)
         self.metadata["model_sha256"] = digest
-        self.metadata["model_files"] = _model_file_stats(self.model_dir)
+        self.metadata["model_files"] = _models_file_stats(self.model_dirs)
         return digest
 
     def check_run_config(self, config: RTDecoderConfig) -> None:
@@ -282,7 +322,8 @@ class SubjectBundle:
             )
 
     def save(self, directory: str | Path, model: Any | None = None) -> Path:
-        """Write the bundle; ``model`` (a MindEye2) is saved under ``model/`` when given."""
+        """Write the bundle; ``model`` (a MindEye2, or a :class:`~rtdecoder.decode.ensemble.ModelEnsemble`
+        whose members go to ``model/``, ``model-1/``, ...) is saved when given."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._check_shapes(directory)
@@ -311,8 +352,17 @@ class SubjectBundle:
         else:  # a stale file of an earlier calibration into the same folder must not pair with these betas
             (directory / GLMDENOISE_NAME).unlink(missing_ok=True)
         if model is not None:
-            model.save_pretrained(directory / "model")
-            self.model_dir = directory / "model"
+            from rtdecoder.decode.ensemble import as_members
+
+            members = as_members(model)
+            names = model_dir_names(len(members))
+            for member, name in zip(members, names, strict=True):
+                member.save_pretrained(directory / name)
+            for stale in directory.iterdir():  # an earlier, larger ensemble's members are not this bundle's
+                if _EXTRA_MODEL_DIR.fullmatch(stale.name) and stale.name not in names and stale.is_dir():
+                    shutil.rmtree(stale)
+            self.model_dir = directory / MODEL_DIR_NAME
+            self.n_models = len(members)
         self.directory = directory
         if self.evaluation:
             (directory / "evaluation.json").write_text(json.dumps(self.evaluation, indent=2) + "\n")
@@ -332,6 +382,7 @@ class SubjectBundle:
             },
             "rtdecoder_version": __version__,
             "has_model": self.model_dir is not None,
+            "n_models": self.n_models if self.model_dir is not None else 0,
             "glmdenoise_n_components": self.glmdenoise.n_components if self.glmdenoise is not None else 0,
             **self._model_digest_fields(fresh=model is not None),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -359,7 +410,7 @@ class SubjectBundle:
         mask = np.asarray(mask_img.dataobj) > 0
         reference = np.asarray(_read_nifti(directory / "reference.nii.gz").dataobj, dtype=np.float32)
         stats = _read_tensors(directory / "stats.safetensors", STATS_KEYS, "statistics")
-        model_dir = directory / "model"
+        model_dir = directory / MODEL_DIR_NAME
         glmdenoise = _read_glmdenoise(directory / GLMDENOISE_NAME, int(metadata.get("glmdenoise_n_components", 0)))
         bundle = cls(
             subject_id=str(metadata.get("subject_id", "")),
@@ -377,6 +428,7 @@ class SubjectBundle:
             metadata=metadata,
             directory=directory,
             glmdenoise=glmdenoise,
+            n_models=_read_n_models(meta_path, metadata),
         )
         bundle._check_shapes(directory)
         if metadata.get("mask_sha256") != mask_hash(mask):
@@ -385,20 +437,30 @@ class SubjectBundle:
             raise BundleError(
                 f"{meta_path}: n_voxels: {metadata.get('n_voxels')} but mask.nii.gz has {bundle.n_voxels} voxels"
             )
-        if bundle.model_dir is not None and not (model_dir / "config.json").is_file():
-            raise BundleError(
-                f"{model_dir}: metadata.json says the bundle has a model, but model/config.json is missing"
-            )
+        for folder in bundle.model_dirs:
+            if not (folder / "config.json").is_file():
+                raise BundleError(
+                    f"{folder}: metadata.json says the bundle has {bundle.n_models} model(s), but "
+                    f"{folder.name}/config.json is missing"
+                )
         return bundle
 
     def load_model(self, device: str = "cpu") -> Any:
-        """The fine-tuned MindEye2, checked against this bundle's voxel count and embedding."""
+        """The fine-tuned MindEye2 (a :class:`~rtdecoder.decode.ensemble.ModelEnsemble` when the bundle
+        holds several), checked against this bundle's voxel count and embedding."""
+        from rtdecoder.decode.ensemble import ModelEnsemble
         from rtdecoder.decode.model import MindEye2
 
         if self.model_dir is None:
             raise BundleError(f"subject {self.subject_id}: the bundle holds no model (calibrated without one)")
-        model = MindEye2.from_pretrained(self.model_dir, device=device)
-        config_path = self.model_dir / "config.json"
+        members = []
+        for folder in self.model_dirs:
+            member = MindEye2.from_pretrained(folder, device=device)
+            self._check_model(member, folder / "config.json")
+            members.append(member)
+        return members[0] if len(members) == 1 else ModelEnsemble(members)
+
+    def _check_model(self, model: Any, config_path: Path) -> None:
         if model.subjects.get(self.subject_id) != self.n_voxels:
             raise BundleError(
                 f"{config_path}: subjects: expected an adapter for {self.subject_id!r} with {self.n_voxels} voxels "
@@ -410,7 +472,6 @@ class SubjectBundle:
                 f"{config_path}: model: predicts {model.config.n_tokens}x{model.config.token_dim} tokens but the "
                 f"bundle's embedding space is {expected[0]}x{expected[1]}"
             )
-        return model
 
     def check_volume(self, shape: tuple[int, ...], affine: np.ndarray, source: str = "volume") -> GridTransform:
         """Raise if a live volume's grid or orientation differs from the calibration's.
@@ -476,11 +537,11 @@ class SubjectBundle:
 
     def _model_digest_fields(self, fresh: bool) -> dict[str, Any]:
         """``model_sha256`` and ``model_files`` for metadata.json (empty without a model folder)."""
-        if self.model_dir is None or not (self.model_dir / MODEL_FILES[1]).is_file():
+        if self.model_dir is None or not all((d / MODEL_FILES[1]).is_file() for d in self.model_dirs):
             return {}
         if fresh:  # just written: whatever digest was recorded before is of other files
             self.metadata.pop("model_sha256", None)
-        return {"model_sha256": self.model_sha256(), "model_files": _model_file_stats(self.model_dir)}
+        return {"model_sha256": self.model_sha256(), "model_files": _models_file_stats(self.model_dirs)}
 
     def _check_shapes(self, directory: Path) -> None:
         n = self.n_voxels
@@ -554,6 +615,16 @@ def _read_glmdenoise(path: Path, n_components: int) -> NoiseComponents | None:
             f"{n_components}; expected shape (n_pool, {n_components})"
         )
     return components
+
+
+def _read_n_models(meta_path: Path, metadata: dict[str, Any]) -> int:
+    """``n_models`` of metadata.json: 1 when absent (bundles from before ensembles), else a count >= 1."""
+    if not metadata.get("has_model"):
+        return 1
+    value = metadata.get("n_models", 1)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise BundleError(f"{meta_path}: n_models: expected a whole number >= 1 of model folders (got {value!r})")
+    return value
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -333,6 +333,11 @@ class TrainingConfig(Section):
     lowlevel_loss_weight: float = Field(0.5, ge=0.0)
     mixed_precision: bool = True
     seed: int = 0
+    ensemble_size: int = Field(
+        1, ge=1, le=16,
+        description="calibration: models trained with seeds seed, seed+1, ...; the live decoder averages their "
+        "outputs (rtdecoder.decode.ensemble)",
+    )
     cpu_bf16: bool = Field(False, description="bf16 autocast on CPU too (off: often slower there)")
     warmup_epochs: float = Field(2.0, ge=0.0, description="OneCycle warm-up length in epochs")
     final_div_factor: float = Field(1000.0, gt=0.0, description="OneCycle final lr = initial / this")

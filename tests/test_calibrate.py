@@ -214,6 +214,27 @@ def test_pretrain_caches_and_calibration_fine_tunes_it(tmp_path, session, betas)
                   session=betas, bank_tokens=world.embedding.tokens)
 
 
+def test_an_ensemble_calibration_trains_one_model_per_seed_and_scores_each(tmp_path, session, betas) -> None:
+    from rtdecoder.decode.ensemble import ModelEnsemble
+
+    config, world, root, _ = session
+    single = calibrate(config, root, tmp_path / "single", "sub-02", betas.mask, progress=False, session=betas,
+                       bank_tokens=world.embedding.tokens, embedding_name="test-embedder")
+    ensemble_config = small_config(training={"ensemble_size": 2, "seed": 0})
+    report = calibrate(ensemble_config, root, tmp_path / "pair", "sub-02", betas.mask, progress=False,
+                       session=betas, bank_tokens=world.embedding.tokens, embedding_name="test-embedder")
+    bundle = SubjectBundle.load(report.bundle_dir)
+    model = bundle.load_model()
+    assert isinstance(model, ModelEnsemble) and bundle.n_models == 2
+    first, second = (m.state_dict() for m in model.members)
+    # Member 0 is the single calibration of seed 0; member 1 another seed's.
+    single_state = SubjectBundle.load(single.bundle_dir).load_model().state_dict()
+    assert all(torch.equal(first[k], single_state[k]) for k in first)
+    assert not torch.equal(first["adapters.sub-02.weight"], second["adapters.sub-02.weight"])
+    assert [m["seed"] for m in report.evaluation["members"]] == [0, 1]
+    assert report.evaluation["members"][0]["image_top1"] == single.evaluation["image_top1"]
+
+
 def test_subject_index_parses_phantom_ids() -> None:
     assert subject_index("sub-08", 8) == 7
     with pytest.raises(ConfigError, match="expected sub-01 .. sub-08"):

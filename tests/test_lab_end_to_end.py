@@ -376,13 +376,15 @@ def test_a_lab_from_its_own_files_to_live_decodes(tmp_path, oblique_affine) -> N
     bundle = lab / "bundles" / "sub-09"
     out = run_step("rtdecoder.cli", "calibrate", "--config", config_path, "--session", func.parent, "--mask",
                    mask_path, "--images", images, "--pretrained", pretrained / "model", "--subject-id", "sub-09",
-                   "--out", bundle, "--no-progress", cwd=lab)
+                   "--out", bundle, "--ensemble-size", "2", "--no-progress", cwd=lab)
     assert f"bundle: {bundle}" in out and "reoriented" in out
+    assert "for the 2 models decoded together; each alone: seed 0" in out
     assert f"training trials: {2 * (CALIBRATION_TRIALS - TEST_IMAGES)}" in out
     from rtdecoder.bundle import SubjectBundle
 
     calibrated = SubjectBundle.load(bundle)
     np.testing.assert_array_equal(calibrated.mask, mask)  # the NIfTI-order file read as the same voxels
+    assert calibrated.n_models == 2  # the run below decodes both seeds' models together
     assert calibrated.embedding_name == tokens.embedding_name
     metadata = json.loads((bundle / "metadata.json").read_text())
     assert metadata["calibration_mask"]["reoriented"] == "(i, -j, k)" and metadata["calibration_tr_s"] == TR_S

@@ -9,8 +9,10 @@
    and every beta is z-scored with them (the live decoder does the same with live betas);
 3. the pretrained shared model gets a fresh adapter for this subject's voxel count and the whole
    model is trained on the training trials (:func:`rtdecoder.calibration.train.finetune`); without a
-   pretrained model it is trained from scratch with the same recipe;
-4. held-out evaluation: repeats of a test image (trials with the same ``stim_id``) are averaged,
+   pretrained model it is trained from scratch with the same recipe. With ``training.ensemble_size``
+   N > 1 this is done N times, with seeds ``training.seed`` .. ``training.seed + N - 1``, and the
+   bundle holds the :class:`~rtdecoder.decode.ensemble.ModelEnsemble` of them;
+4. held-out evaluation (of the ensemble, and of each member under ``members``): repeats of a test image (trials with the same ``stim_id``) are averaged,
    then image and brain retrieval top-1 among 300 (or all held-out images when fewer;
    :func:`rtdecoder.decode.metrics.retrieval_top1`); when the config names the live decoder's
    candidates (``candidates.images_dir`` or ``candidates.embeddings_file``), also the rank of each
@@ -333,8 +335,8 @@ def calibrate(
     """
     import torch
 
-    from rtdecoder.calibration.train import SubjectDataset, finetune, train
-    from rtdecoder.decode.model import MindEye2
+    from rtdecoder.calibration.train import SubjectDataset
+    from rtdecoder.decode.ensemble import ModelEnsemble
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -398,14 +400,9 @@ def calibrate(
         torch.from_numpy(image_codes[train_rows].astype(np.int64)),
     )
     train_started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="rtdecoder-calibrate-") as work:
-        if pretrained_dir is not None:
-            _check_pretrained(Path(pretrained_dir), config)
-            model, _ = finetune(pretrained_dir, dataset, config.training, work, progress=progress)
-        else:
-            torch.manual_seed(config.training.seed)
-            model = MindEye2(config.model, {subject_id: session.mask.n_voxels})
-            train(model, {subject_id: dataset}, config.training, work, progress=progress)
+    if pretrained_dir is not None:
+        _check_pretrained(Path(pretrained_dir), config)
+    model = train_models(config, dataset, session.mask.n_voxels, pretrained_dir, progress)
     seconds["training"] = time.perf_counter() - train_started
 
     evaluation: dict[str, Any] = {"n_train_trials": int(train_rows.size)}
@@ -420,6 +417,12 @@ def calibrate(
         predicted = predict_clip_tokens(model, subject_id, mean_z)
         evaluation.update(retrieval_evaluation(predicted, targets))
         evaluation["n_test_trials"] = int(test_rows.size)
+        if isinstance(model, ModelEnsemble):
+            evaluation["members"] = [
+                {"seed": config.training.seed + i, **retrieval_evaluation(predict_clip_tokens(m, subject_id, mean_z),
+                                                                          targets)}
+                for i, m in enumerate(model.members)
+            ]
         if candidates is not None:
             evaluation["candidates"] = candidate_evaluation(predicted, [str(i) for i in image_ids], candidates)
     else:
@@ -455,6 +458,52 @@ def calibrate(
         selection.save_reliability(out_dir / RELIABILITY_FILE)
     logger.info("bundle written to %s (evaluation %s)", out_dir, evaluation)
     return CalibrationReport(out_dir, evaluation, seconds, int(train_rows.size), dict(session.mask.provenance))
+
+
+def train_models(
+    config: RTDecoderConfig, dataset: Any, n_voxels: int, pretrained_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Any:
+    """Train the subject's model ``training.ensemble_size`` times, with seeds ``training.seed``, +1, ...
+
+    Parameters
+    ----------
+    config : RTDecoderConfig
+        ``training`` is the recipe; ``model`` the sizes of a model trained from scratch.
+    dataset : SubjectDataset
+        The subject's z-scored training betas and their image tokens.
+    n_voxels : int
+        The adapter's inputs (the mask's voxel count).
+    pretrained_dir : str or Path, optional
+        Fine-tune this pretrained model (:func:`~rtdecoder.calibration.train.finetune`); ``None``
+        trains from scratch.
+    progress : bool, default=True
+
+    Returns
+    -------
+    MindEye2 or ModelEnsemble
+        One model, or the ensemble of ``ensemble_size`` (> 1) of them in seed order.
+    """
+    import torch
+
+    from rtdecoder.calibration.train import finetune, train
+    from rtdecoder.decode.ensemble import ModelEnsemble
+    from rtdecoder.decode.model import MindEye2
+
+    members = []
+    for index in range(config.training.ensemble_size):
+        recipe = config.training.model_copy(update={"seed": config.training.seed + index})
+        if config.training.ensemble_size > 1:
+            logger.info("training model %d of %d (seed %d)", index + 1, config.training.ensemble_size, recipe.seed)
+        with tempfile.TemporaryDirectory(prefix="rtdecoder-calibrate-") as work:
+            if pretrained_dir is not None:
+                model, _ = finetune(pretrained_dir, dataset, recipe, work, progress=progress)
+            else:
+                torch.manual_seed(recipe.seed)
+                model = MindEye2(config.model, {dataset.subject_id: n_voxels})
+                train(model, {dataset.subject_id: dataset}, recipe, work, progress=progress)
+        members.append(model)
+    return members[0] if len(members) == 1 else ModelEnsemble(members)
 
 
 def _trial_tokens(

@@ -53,6 +53,11 @@ def add_calibration_commands(groups: argparse._SubParsersAction) -> None:
         "--select", metavar="ENTITY=VALUE", action="append", default=[],
         help="BIDS sessions: take only runs with this entity value, e.g. --select task=nsd (repeatable)",
     )
+    calibrate.add_argument(
+        "--ensemble-size", type=int, metavar="N",
+        help="calibrate N models (seeds training.seed, +1, ...) decoded together (default: the config's "
+        "training.ensemble_size; 1 trains one)",
+    )
     calibrate.add_argument("--no-progress", action="store_true", help="no progress bars")
     calibrate.set_defaults(handler=_calibrate)
 
@@ -137,7 +142,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     from rtdecoder.preprocess.registration import MaskSource, describe_provenance
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
-    config = load_config(args.config)
+    overrides = {"training": {"ensemble_size": args.ensemble_size}} if args.ensemble_size is not None else None
+    config = load_config(args.config, overrides)
     select = _entity_selection(args.select)
     find_runs(args.session, select)  # a wrong folder fails now, not after the mask is built
     if args.write_reference:
@@ -195,6 +201,9 @@ def _calibrate(args: argparse.Namespace) -> int:
             f"held-out retrieval among {evaluation['pool_size']} ({evaluation['n_test_images']} images): "
             f"image {100 * evaluation['image_top1']:.1f}%, brain {100 * evaluation['brain_top1']:.1f}% "
             f"(chance {100 * evaluation['chance']:.1f}%)"
+            + (f" for the {len(evaluation['members'])} models decoded together; each alone: " + ", ".join(
+                f"seed {m['seed']} {100 * m['image_top1']:.1f}% / {100 * m['brain_top1']:.1f}%"
+                for m in evaluation["members"]) if "members" in evaluation else "")
         )
     else:
         print(f"evaluation: {evaluation.get('note', 'none')}")
