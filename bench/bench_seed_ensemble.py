@@ -11,6 +11,9 @@ mean, and the ensemble: the bundle of the seeds' models decoded together, as ``c
 with ``training.ensemble_size`` N (:class:`~rtdecoder.decode.ensemble.ModelEnsemble`). This is the
 measurement the phantom preset's ``ensemble_size: 3`` was chosen on.
 
+``--sizes 2,3,4,5`` (with ``--seeds 5``) also scores the ensembles of the first 2, 3, ... seeds:
+how many models are worth their calibration time.
+
 ``--live`` adds the live figures (fast / slow / end of run; ``rtdecoder evaluate``'s path) of the
 first seed's bundle and of the ensemble on ``sub-07``'s session 1, which neither saw.
 
@@ -18,7 +21,7 @@ Prints a table and writes ``bench/results/seed_ensemble-dev-subject.json``. It s
 ``bench_finetune_lr_scale.py``'s cache (the dev pretraining and volumes); about 30 minutes on 2
 cores from an empty cache::
 
-    python bench/bench_seed_ensemble.py --seeds 3 [--live]
+    python bench/bench_seed_ensemble.py --seeds 3 [--live] [--sizes 2,3 --seeds 3]
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ def main() -> None:
     parser.add_argument("--work", default="rtdecoder-cache/bench-calibration", help="cache of bench_calibration.py")
     parser.add_argument("--seeds", type=int, default=3, help="calibrations, training.seed = seed, seed+1, ...")
     parser.add_argument("--live", action="store_true", help="also the live figures on sub-07's session 1")
+    parser.add_argument("--sizes", default="", help="also the ensembles of the first N seeds, e.g. 2,3,4,5")
     parser.add_argument("--out", default="bench/results/seed_ensemble-dev-subject.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -91,6 +95,12 @@ def main() -> None:
         logger.info("seed %d: image %.3f, brain %.3f", seed, scores["image_top1"], scores["brain_top1"])
     ensemble_dir = ensemble_bundle(bundle_dirs, work / "bundle-dev-ensemble")
     ensemble = evaluate_bundle(ensemble_dir, sid, test_z, test_tokens) | {"n_models": len(bundle_dirs)}
+    by_size = {}
+    for size in sorted({int(n) for n in args.sizes.split(",") if n.strip()}):
+        if not 2 <= size <= len(bundle_dirs):
+            raise SystemExit(f"--sizes: {size} is not between 2 and --seeds {len(bundle_dirs)}")
+        folder = ensemble_bundle(bundle_dirs[:size], work / f"bundle-dev-ensemble-{size}")
+        by_size[size] = evaluate_bundle(folder, sid, test_z, test_tokens)
     live = {}
     if args.live:
         for name, bundle_dir in (("first_seed", bundle_dirs[0]), ("seed_ensemble", ensemble_dir)):
@@ -105,6 +115,7 @@ def main() -> None:
         "per_seed": per_seed,
         "mean_of_seeds": mean,
         "ensemble": ensemble,
+        **({"ensembles_of_the_first_seeds": by_size} if by_size else {}),
         **({"live": live} if live else {}),
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "processor": platform.processor()},
@@ -118,6 +129,9 @@ def main() -> None:
         print(f"{'seed ' + str(r['seed']):<26} {r['image_top1']:>12.1%} {r['brain_top1']:>12.1%}")
     print(f"{'mean of the seeds':<26} {mean['image_top1']:>12.1%} {mean['brain_top1']:>12.1%}")
     print(f"{'ensemble (one bundle)':<26} {ensemble['image_top1']:>12.1%} {ensemble['brain_top1']:>12.1%}")
+    for size, scores in by_size.items():
+        print(f"{'first ' + str(size) + ' seeds in one bundle':<26} {scores['image_top1']:>12.1%} "
+              f"{scores['brain_top1']:>12.1%}")
     for name, figures in live.items():
         print_live(name, figures)
 

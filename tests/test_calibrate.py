@@ -11,13 +11,13 @@ import torch
 from rtdecoder.bundle import SubjectBundle
 from rtdecoder.calibration.betas import estimate_session_betas, find_runs, load_betas, save_betas
 from rtdecoder.calibration.calibrate import average_repeats, calibrate, retrieval_evaluation, zscore_stats
-from rtdecoder.glm.hrf import CANONICAL_CANDIDATE
 from rtdecoder.calibration.pretrain import pretrain, subject_index
 from rtdecoder.cli import main
 from rtdecoder.config import config_from_dict
 from rtdecoder.embedding.base import Embedding
 from rtdecoder.errors import BundleError, ConfigError, VolumeError
 from rtdecoder.glm.events import write_events_tsv
+from rtdecoder.glm.hrf import CANONICAL_CANDIDATE
 from rtdecoder.glm.incremental import IncrementalGLM
 from rtdecoder.phantom.scanner import volumes_from_array, write_run
 from rtdecoder.phantom.world import PhantomWorld
@@ -88,7 +88,8 @@ def test_betas_have_one_row_per_trial_and_follow_the_truth(session, betas) -> No
     assert betas.betas.shape == (24, n_voxels) and np.all(np.isfinite(betas.betas))
     assert betas.run_labels == ["run-01"] * 12 + ["run-02"] * 12
     assert [t.trial_id for t in betas.trials] == [t.trial_id for s in truth for t in s.trials]
-    assert betas.hrf_index.shape == (n_voxels,) and 0 <= betas.hrf_index.min() <= betas.hrf_index.max() <= CANONICAL_CANDIDATE
+    assert betas.hrf_index.shape == (n_voxels,)
+    assert 0 <= betas.hrf_index.min() <= betas.hrf_index.max() <= CANONICAL_CANDIDATE
     assert np.all(betas.signal_mean > 0) and betas.reference.shape == tuple(config.phantom.grid_shape)
     true = np.concatenate([s.true_betas for s in truth])
     # Across trials, each voxel's estimate tracks its true amplitude (the image-driven part).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+from test_calibrate import TOKEN_DIM, session, small_config  # noqa: F401
 
 from rtdecoder.bundle import SubjectBundle
 from rtdecoder.calibration.calibrate import calibrate
@@ -16,13 +17,10 @@ from rtdecoder.calibration.voxel_selection import (
 )
 from rtdecoder.cli import main
 from rtdecoder.config import config_from_dict
+from rtdecoder.embedding.base import Embedding
 from rtdecoder.errors import BundleError
 from rtdecoder.glm.events import Trial
-
-from rtdecoder.embedding.base import Embedding
 from rtdecoder.phantom.world import PhantomWorld
-
-from test_calibrate import TOKEN_DIM, session, small_config  # noqa: F401
 
 N_KEEP = 100
 N_STIMULI = 80
@@ -103,14 +101,14 @@ def test_calibration_chooses_its_own_voxels_and_the_bundle_records_them(repeatin
     np.testing.assert_array_equal(np.asarray(saved.dataobj), scores)
 
 
-def test_a_session_without_enough_repeats_is_refused_saying_what_to_do(session) -> None:
+def test_a_session_without_enough_repeats_is_refused_saying_what_to_do(session) -> None:  # noqa: F811 (the fixture)
     config, _, root, _ = session
     config = config.model_copy(update={"voxel_selection": config.voxel_selection.model_copy(update={"n_voxels": 50})})
     with pytest.raises(BundleError, match=rf"shows \d+ images more than once .*at least {MIN_REPEATED_IMAGES}.*--mask"):
         select_reliable_voxels(root, config, progress=False)
 
 
-def test_more_voxels_than_the_brain_has_is_refused(session) -> None:
+def test_more_voxels_than_the_brain_has_is_refused(session) -> None:  # noqa: F811 (the fixture)
     config, _, root, _ = session
     config = config.model_copy(update={"voxel_selection": config.voxel_selection.model_copy(
         update={"n_voxels": 10**7})})
@@ -119,7 +117,7 @@ def test_more_voxels_than_the_brain_has_is_refused(session) -> None:
         select_reliable_voxels(root, config, progress=False)
 
 
-def test_auto_mask_with_mask_space_is_refused_on_the_command_line(session, tmp_path, capsys) -> None:
+def test_auto_mask_with_mask_space_is_refused_on_the_command_line(session, tmp_path, capsys) -> None:  # noqa: F811 (the fixture)
     _, _, root, _ = session
     code = main(["calibrate", "--session", str(root), "--out", str(tmp_path / "b"), "--mask", "auto",
                  "--mask-space", str(tmp_path / "other.nii.gz")])

@@ -12,8 +12,9 @@
    pretrained model it is trained from scratch with the same recipe. With ``training.ensemble_size``
    N > 1 this is done N times, with seeds ``training.seed`` .. ``training.seed + N - 1``, and the
    bundle holds the :class:`~rtdecoder.decode.ensemble.ModelEnsemble` of them;
-4. held-out evaluation (of the ensemble, and of each member under ``members``): repeats of a test image (trials with the same ``stim_id``) are averaged,
-   then image and brain retrieval top-1 among 300 (or all held-out images when fewer;
+4. held-out evaluation (of the ensemble, and of each member under ``members``): repeats of a
+   test image (trials with the same ``stim_id``) are averaged, then image and brain retrieval top-1
+   among 300 (or all held-out images when fewer;
    :func:`rtdecoder.decode.metrics.retrieval_top1`); when the config names the live decoder's
    candidates (``candidates.images_dir`` or ``candidates.embeddings_file``), also the rank of each
    held-out image among all of them (:func:`candidate_evaluation`);

@@ -74,8 +74,7 @@ from rtdecoder.glm.design import (
     slice_time_ref_from,
     trial_regressors,
 )
-from rtdecoder.glm.hrf import CANONICAL_CANDIDATE, DEFAULT_HRF_LENGTH_S, canonical_hrf
-from rtdecoder.glm.hrf import hrf_candidates
+from rtdecoder.glm.hrf import CANONICAL_CANDIDATE, DEFAULT_HRF_LENGTH_S, canonical_hrf, hrf_candidates
 
 if TYPE_CHECKING:
     from rtdecoder.config import GLMConfig

@@ -5,9 +5,10 @@ or a beta: betas are queued by the session thread and decoded here; a reconstruc
 (``reconstruction: skipped_backlog``) when more than ``session.max_decode_backlog`` betas of later
 volumes wait behind it. Betas that one volume released together (a run's first trials, which
 ``glm.min_residual_dof`` holds back and releases at once) are a burst, not a decoder falling
-behind: they do not count against each other. Retrievals are never dropped. A decoder with a ``caption`` method (the live decoder
-with a captioner) also captions every beta whose reconstruction is made or is off (``caption``,
-``caption_ms``); a caption that fails is logged and reported, and the decode goes out without it.
+behind: they do not count against each other. Retrievals are never dropped. A decoder with a
+``caption`` method (the live decoder with a captioner) also captions every beta whose
+reconstruction is made or is off (``caption``, ``caption_ms``); a caption that fails is logged
+and reported, and the decode goes out without it.
 """
 
 from __future__ import annotations
