@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_calibration import HELD_OUT, evaluate_bundle, held_out_session_dirs, test_set
+from bench_calibration import HELD_OUT, evaluate_bundle, held_out_session_dirs, single_model, test_set
 
 from rtdecoder.calibration.betas import estimate_session_betas
 from rtdecoder.calibration.calibrate import (
@@ -64,19 +64,31 @@ def split_by_image(stim_index: np.ndarray, val_fraction: float, seed: int) -> np
 
 
 def with_scale(config: RTDecoderConfig, scale: float) -> RTDecoderConfig:
-    training = config.training.model_copy(update={"finetune_shared_lr_scale": scale})
+    """One model (``training.ensemble_size`` 1) whose pretrained weights learn at ``scale``."""
+    training = single_model(config, config.training.seed).training.model_copy(
+        update={"finetune_shared_lr_scale": scale})
     return config.model_copy(update={"training": training})
 
 
-def dev_subject(config: RTDecoderConfig, world: PhantomWorld, work: Path, scales: list[float]) -> tuple[dict, list]:
-    """Calibrate the development subject per scale; score on its test images over all sessions."""
-    sessions_range = range(config.experiment.sessions_per_subject)
+def dev_subject_sessions(
+    config: RTDecoderConfig, world: PhantomWorld, work: Path
+) -> tuple[list[int], Path, list[Path], np.ndarray, list]:
+    """The development protocol's data: the pretraining subjects (all but ``sub-07``), the model
+    pretrained on them (cached in ``work``), ``sub-07``'s session folders, its mask and each
+    session's betas."""
     pretrained = [s for s in range(7) if s != DEV_SUBJECT]
-    model_dir = pretrain(config, work / "pretrained-dev", pretrained, sessions_range, world=world)
+    model_dir = pretrain(config, work / "pretrained-dev", pretrained, range(config.experiment.sessions_per_subject),
+                         world=world)
     runs = list(range(config.experiment.runs_per_session))
     session_dirs = held_out_session_dirs(config, world, work, runs, subject=DEV_SUBJECT)
     mask = world.subject(DEV_SUBJECT).mask
     sessions = [estimate_session_betas(d, config, mask, progress=False) for d in session_dirs]
+    return pretrained, model_dir, session_dirs, mask, sessions
+
+
+def dev_subject(config: RTDecoderConfig, world: PhantomWorld, work: Path, scales: list[float]) -> tuple[dict, list]:
+    """Calibrate the development subject per scale; score on its test images over all sessions."""
+    pretrained, model_dir, session_dirs, mask, sessions = dev_subject_sessions(config, world, work)
     test_z, test_tokens = test_set(sessions, world.embedding.tokens)
     sid = subject_id(DEV_SUBJECT)
     results = []

@@ -38,17 +38,15 @@ import torch
 from bench_calibration import (
     ensemble_bundle,
     evaluate_bundle,
-    held_out_session_dirs,
     live_evaluation,
     print_live,
     single_model,
     test_set,
 )
-from bench_finetune_lr_scale import DEV_SUBJECT
+from bench_finetune_lr_scale import DEV_SUBJECT, dev_subject_sessions
 
-from rtdecoder.calibration.betas import estimate_session_betas
 from rtdecoder.calibration.calibrate import calibrate
-from rtdecoder.calibration.pretrain import pretrain, subject_id
+from rtdecoder.calibration.pretrain import subject_id
 from rtdecoder.config import load_config
 from rtdecoder.phantom.decoding import phantom_image_tokens
 from rtdecoder.phantom.world import PhantomWorld
@@ -72,13 +70,7 @@ def main() -> None:
     work = Path(args.work)
     world = PhantomWorld(config, progress=False)
     tokens = phantom_image_tokens(config, world=world)
-    pretrained = [s for s in range(7) if s != DEV_SUBJECT]
-    model_dir = pretrain(config, work / "pretrained-dev", pretrained, range(config.experiment.sessions_per_subject),
-                         world=world)
-    session_dirs = held_out_session_dirs(config, world, work, list(range(config.experiment.runs_per_session)),
-                                         subject=DEV_SUBJECT)
-    mask = world.subject(DEV_SUBJECT).mask
-    sessions = [estimate_session_betas(d, config, mask, progress=False) for d in session_dirs]
+    pretrained, model_dir, session_dirs, mask, sessions = dev_subject_sessions(config, world, work)
     test_z, test_tokens = test_set(sessions, tokens)
     sid = subject_id(DEV_SUBJECT)
     per_seed, bundle_dirs = [], []

@@ -227,6 +227,14 @@ class PacedWriter:
         return min(max(split, 1), n_bytes - 1)
 
 
+def default_series(first_volume: np.ndarray, series_number: int = 1) -> SeriesInfo:
+    """:func:`write_run`'s series: ``SeriesInfo`` numbered ``series_number``, with a pixel scaling fitted
+    to the first volume's range widened by half its span on each side."""
+    data = np.asarray(first_volume)
+    scaling = PixelScaling.for_range(float(data.min()), float(data.max()), headroom=0.5)
+    return SeriesInfo(series_number=series_number, pixel_scaling=scaling)
+
+
 def write_run(
     volumes: Iterable[Volume],
     out_dir: str | Path,
@@ -259,9 +267,8 @@ def write_run(
     speed : float, default=1.0
         How many times faster than real time to write.
     series : SeriesInfo, optional
-        DICOM run tags, UIDs, tile order and pixel scaling. Default: ``SeriesInfo()`` with a
-        scaling fitted to the first volume's range widened by half its span on each side
-        (voxels outside are clipped, with a warning).
+        DICOM run tags, UIDs, tile order and pixel scaling. Default: :func:`default_series` of the
+        first volume (voxels outside its scaling are clipped, with a warning).
     clock, sleep : callable
         Injected time source and wait (seconds), for tests.
     wall_clock : callable, default=time.time
@@ -298,8 +305,7 @@ def write_run(
     if not tr_s > 0:
         raise ConfigError(f"tr_s: expected seconds > 0 (got {tr_s})")
     if series is None:
-        data = np.asarray(first.data)
-        series = SeriesInfo(pixel_scaling=PixelScaling.for_range(float(data.min()), float(data.max()), headroom=0.5))
+        series = default_series(first.data)
     writer = PacedWriter(
         out_dir, tr_s / speed, clock=clock, sleep=sleep,
         partial_write=partial_write, partial_pause_s=partial_pause_s,

@@ -130,12 +130,12 @@ class DecodeWorker:
 
     def _later_backlog(self, job: DecodeJob) -> int:
         """Queued betas behind ``job`` from later volumes (or another run)."""
+
+        def same_volume(waiting: DecodeJob) -> bool:
+            return waiting.tr_index >= 0 and (waiting.run, waiting.tr_index) == (job.run, job.tr_index)
+
         with self.jobs.mutex:  # the queue's own lock: a consistent look at what waits
-            return sum(
-                1 for waiting in self.jobs.queue
-                if waiting is not None and (waiting.tr_index < 0 or (waiting.run, waiting.tr_index) != (job.run,
-                                                                                                    job.tr_index))
-            )
+            return sum(1 for waiting in self.jobs.queue if waiting is not None and not same_volume(waiting))
 
     def _decode_one(self, job: DecodeJob, backlog: int) -> None:
         config = self.config

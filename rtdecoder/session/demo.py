@@ -213,8 +213,7 @@ def scan_and_decode(
     """
     from rtdecoder_client.client import ResultSubscriber
 
-    from rtdecoder.phantom.dicom_export import PixelScaling, SeriesInfo
-    from rtdecoder.phantom.scanner import volumes_from_array, write_run
+    from rtdecoder.phantom.scanner import default_series, volumes_from_array, write_run
 
     outcome: dict[str, Any] = {}
 
@@ -236,9 +235,7 @@ def scan_and_decode(
             received.append(message)
     volumes = volumes_from_array(simulated.volumes, simulated.affine, simulated.tr_s, simulated.slice_times_s,
                                  series=plan.run)
-    first = simulated.volumes[..., 0]
-    series = SeriesInfo(series_number=series_number, pixel_scaling=PixelScaling.for_range(
-        float(first.min()), float(first.max()), headroom=0.5))  # write_run's default scaling
+    series = default_series(simulated.volumes[..., 0], series_number)
     scanner = threading.Thread(target=write_run, args=(volumes, plan.watch_dir), name="rtdecoder-phantom-scanner",
                                kwargs={"format": "mosaic", "tr_s": simulated.tr_s, "speed": speed, "series": series})
     scanner.start()
