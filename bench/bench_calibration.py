@@ -1,7 +1,7 @@
 """One-session calibration on the phantom world: retrieval of the held-out subject, four ways.
 
 For the held-out subject (phantom subject 7, ``sub-08``), test images averaged over their repeats,
-image and brain retrieval top-1 among 300 (all test images when fewer) for
+image and brain retrieval top-1 among 300 (all test images when fewer; among 100 beside it) for
 
 (a) the shared model pretrained on subjects 0-6, then calibrated on one session (``calibrate``);
 (b) the same session, trained from scratch with the same recipe;
@@ -29,6 +29,10 @@ steps, every session's betas estimated the same way: (a) + GLMdenoise; (a) + GLM
 fractional ridge; and (a) with the automatic mask (``calibrate --mask auto``: the
 ``voxel_selection.n_voxels`` most reliable voxels of the EPI brain mask, no phantom mask), whose
 test betas are estimated on the bundle's mask.
+
+``--ceiling`` adds (c) trained and scored on the simulation's true response amplitudes instead of
+the measured betas (no scanner noise, motion or GLM; the brain's own trial-to-trial variability
+kept): the ridge's ceiling on this world, as the NSD-like world's "noiseless betas" row.
 
 ``--live`` adds the live figures of (a) (first seed) on the held-out subject's session 1, a
 session the bundle never saw, through the front end ``rtdecoder run`` builds from the bundle (its
@@ -67,6 +71,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -120,6 +125,8 @@ def main() -> None:
                         help="the betas' correlation with the truth for each GLM step on the calibration session")
     parser.add_argument("--variants", action="store_true",
                         help="(a) with GLMdenoise, + fractional ridge, and with --mask auto (first seed each)")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also (c) on the simulation's true betas: this world's ceiling for the ridge")
     parser.add_argument("--out", help="JSON (default bench/results/calibration.json; with --live-only "
                         "bench/results/calibration-live.json)")
     args = parser.parse_args()
@@ -196,6 +203,10 @@ def main() -> None:
         results["d_pretrained_all_sessions"] = _all_sessions(sessions, tokens, model_dir, config, work, test_z,
                                                              test_tokens)
         seconds["all_sessions_training"] = time.perf_counter() - started
+    if args.ceiling:
+        started = time.perf_counter()
+        results["c_ridge_true_betas_ceiling"] = ridge_ceiling(world, sessions, runs, tokens)
+        seconds["ceiling"] = time.perf_counter() - started
     steps = None
     if args.steps:
         started = time.perf_counter()
@@ -405,12 +416,21 @@ def single_model(config, seed: int):
                                                                                      "ensemble_size": 1})})
 
 
+def scored(predicted: np.ndarray, test_tokens: np.ndarray) -> dict:
+    """Retrieval among 300 (:func:`retrieval_evaluation`), with the figures among 100 in ``among_100``:
+    the pool size of the NSD-like world's figures and of the goal they are held to."""
+    result = retrieval_evaluation(predicted, test_tokens)
+    among_100 = retrieval_evaluation(predicted, test_tokens, pool_size=100)
+    result["among_100"] = {key: among_100[key] for key in ("image_top1", "brain_top1", "pool_size", "n_pools")}
+    return result
+
+
 def evaluate_bundle(bundle_dir: Path, sid: str, test_z, test_tokens, report=None) -> dict:
     """Retrieval of a saved bundle on the averaged test betas, with its in-session evaluation (given ``report``)."""
     from rtdecoder.bundle import SubjectBundle
 
     model = SubjectBundle.load(bundle_dir).load_model()
-    result = retrieval_evaluation(predict_clip_tokens(model, sid, test_z), test_tokens)
+    result = scored(predict_clip_tokens(model, sid, test_z), test_tokens)
     if report is not None:
         result["in_session_held_out"] = report.evaluation
         result["seconds"] = {k: round(v, 1) for k, v in report.seconds.items()}
@@ -441,11 +461,16 @@ def ensemble_bundle(bundle_dirs: list[Path], out_dir: Path) -> Path:
     return out_dir
 
 
+def seed_means(per_seed: list[dict]) -> dict:
+    """Mean image and brain top-1 (and among 100) over calibrations that differ only in ``training.seed``."""
+    def mean(rows: list[dict]) -> dict:
+        return {key: round(float(np.mean([r[key] for r in rows])), 4) for key in ("image_top1", "brain_top1")}
+
+    return mean(per_seed) | {"among_100": mean([r["among_100"] for r in per_seed])}
+
+
 def _mean_over_seeds(per_seed: list[dict]) -> dict:
-    """Mean image and brain top-1 over calibrations that differ only in ``training.seed``."""
-    result = {key: round(float(np.mean([r[key] for r in per_seed])), 4) for key in ("image_top1", "brain_top1")}
-    result.update(pool_size=per_seed[0]["pool_size"], per_seed=per_seed)
-    return result
+    return seed_means(per_seed) | {"pool_size": per_seed[0]["pool_size"], "per_seed": per_seed}
 
 
 def _ridge(session, tokens: ImageTokens | np.ndarray, test_z: np.ndarray, test_tokens: np.ndarray) -> dict:
@@ -456,9 +481,27 @@ def _ridge(session, tokens: ImageTokens | np.ndarray, test_z: np.ndarray, test_t
     y = trial_tokens([t for t, k in zip(session.trials, keep, strict=True) if k], tokens).reshape(int(keep.sum()), -1)
     ridge = RidgeCV(alphas=np.logspace(1, 6, 11)).fit(z[keep], y)
     predicted = ridge.predict(test_z).reshape(test_tokens.shape).astype(np.float32)
-    result = retrieval_evaluation(predicted, test_tokens)
+    result = scored(predicted, test_tokens)
     result["alpha"] = float(ridge.alpha_)
     return result
+
+
+def ridge_ceiling(world: PhantomWorld, sessions: list, runs: list[int], tokens: ImageTokens) -> dict:
+    """(c) with every trial's betas replaced by the simulation's true response amplitudes.
+
+    What is left of the world's variability is the brain's own: the trial-to-trial share of the
+    response that does not repeat with the image (``STIMULUS_SHARE``) and the voxels' tuning to
+    the image's latent; no scanner noise, motion, drift or GLM error. The ridge's retrieval on
+    these betas is the ceiling the measured betas are held to, as the NSD-like world's
+    "noiseless betas" row.
+    """
+    truths = [
+        dataclasses.replace(session, betas=np.concatenate(
+            [world.simulate_run(HELD_OUT, k, run).true_betas for run in runs]).astype(np.float32))
+        for k, session in enumerate(sessions)
+    ]
+    test_z, test_tokens = test_set(truths, tokens)
+    return _ridge(truths[0], tokens, test_z, test_tokens)
 
 
 def _all_sessions(sessions: list, tokens, model_dir, config, work: Path, test_z, test_tokens) -> dict:
@@ -476,7 +519,7 @@ def _all_sessions(sessions: list, tokens, model_dir, config, work: Path, test_z,
     # As many optimiser steps as the one-session calibration: the epochs are shared over the sessions.
     recipe = config.training.model_copy(update={"epochs": max(1, config.training.epochs // len(sessions))})
     model, _ = finetune(model_dir, dataset, recipe, work / "all-sessions")
-    result = retrieval_evaluation(predict_clip_tokens(model, sid, test_z), test_tokens)
+    result = scored(predict_clip_tokens(model, sid, test_z), test_tokens)
     result["n_train_trials"] = int(len(betas_all))
     result["epochs"] = recipe.epochs
     return result
@@ -485,14 +528,16 @@ def _all_sessions(sessions: list, tokens, model_dir, config, work: Path, test_z,
 def _print_table(payload: dict) -> None:
     print(f"\nheld-out subject sub-08, {payload['n_test_images']} test images (repeats averaged), "
           f"calibration: {payload['calibration_runs']} runs, {payload['calibration_train_trials']} training trials")
-    print(f"{'setting':<30} {'image top-1':>12} {'brain top-1':>12} {'pool':>6}")
+    print(f"{'setting':<30} {'image top-1':>12} {'brain top-1':>12} {'pool':>6} {'among 100':>12}")
     for name, result in payload["results"].items():
         spread = ""
         if len(result.get("per_seed", [])) > 1:
             spread = "  seeds: " + ", ".join(f"{100 * r['image_top1']:.1f}/{100 * r['brain_top1']:.1f}"
                                              for r in result["per_seed"])
+        among_100 = result.get("among_100")
+        beside = f"{100 * among_100['image_top1']:.1f}/{100 * among_100['brain_top1']:.1f}" if among_100 else ""
         print(f"{name:<30} {100 * result['image_top1']:>11.1f}% {100 * result['brain_top1']:>11.1f}% "
-              f"{result['pool_size']:>6}{spread}")
+              f"{result['pool_size']:>6} {beside:>12}{spread}")
     steps = payload.get("beta_steps")
     if steps:
         print("\ncalibration session betas against the truth (median over voxels of the correlation over trials)")

@@ -17,7 +17,8 @@ over to other sessions, which the test set averages.
 The chosen scale is the one with the best mean of image and brain top-1. Prints a table and writes
 ``bench/results/finetune_lr_scale-<protocol>.json``. It uses the cache of ``bench_calibration.py``
 and adds its own (the dev-subject pretraining and volumes). On 2 cores, ``dev-subject`` takes
-about 40 minutes from an empty cache; ``within-session`` takes about 5 minutes once
+about an hour from an empty cache (35 minutes of it the preset's 16 pretraining epochs; its table
+in docs/calibration.md was measured with 8); ``within-session`` takes about 5 minutes once
 ``bench_calibration.py`` has run::
 
     python bench/bench_finetune_lr_scale.py                                # dev-subject, scales 1, 0.3, 0.1
@@ -71,13 +72,13 @@ def with_scale(config: RTDecoderConfig, scale: float) -> RTDecoderConfig:
 
 
 def dev_subject_sessions(
-    config: RTDecoderConfig, world: PhantomWorld, work: Path
+    config: RTDecoderConfig, world: PhantomWorld, work: Path, pretrained_name: str = "pretrained-dev"
 ) -> tuple[list[int], Path, list[Path], np.ndarray, list]:
     """The development protocol's data: the pretraining subjects (all but ``sub-07``), the model
-    pretrained on them (cached in ``work``), ``sub-07``'s session folders, its mask and each
-    session's betas."""
+    pretrained on them (cached in ``work / pretrained_name``), ``sub-07``'s session folders, its
+    mask and each session's betas."""
     pretrained = [s for s in range(7) if s != DEV_SUBJECT]
-    model_dir = pretrain(config, work / "pretrained-dev", pretrained, range(config.experiment.sessions_per_subject),
+    model_dir = pretrain(config, work / pretrained_name, pretrained, range(config.experiment.sessions_per_subject),
                          world=world)
     runs = list(range(config.experiment.runs_per_session))
     session_dirs = held_out_session_dirs(config, world, work, runs, subject=DEV_SUBJECT)

@@ -17,11 +17,17 @@ how many models are worth their calibration time.
 ``--live`` adds the live figures (fast / slow / end of run; ``rtdecoder evaluate``'s path) of the
 first seed's bundle and of the ensemble on ``sub-07``'s session 1, which neither saw.
 
-Prints a table and writes ``bench/results/seed_ensemble-dev-subject.json``. It shares
-``bench_finetune_lr_scale.py``'s cache (the dev pretraining and volumes); about 30 minutes on 2
-cores from an empty cache::
+``--pretrain-epochs N`` pretrains for N epochs instead of the preset's ``training.pretrain_epochs``,
+into its own cache folders (``pretrained-dev-<N>ep``, ``bundle-dev-<N>ep-*``) and JSON
+(``seed_ensemble-dev-subject-pretrain<N>ep.json``): how the pretraining length was chosen.
 
-    python bench/bench_seed_ensemble.py --seeds 3 [--live] [--sizes 2,3 --seeds 3]
+Every figure is also given among 100 (``among_100`` in the JSON; the last column of the table).
+
+Prints a table and writes ``bench/results/seed_ensemble-dev-subject.json``. It shares
+``bench_finetune_lr_scale.py``'s cache (the dev pretraining and volumes); about 50 minutes on 2
+cores from an empty cache (35 of them the preset's 16 pretraining epochs), 15 with it::
+
+    python bench/bench_seed_ensemble.py --seeds 3 [--live] [--sizes 2,3 --seeds 3] [--pretrain-epochs 16]
 """
 
 from __future__ import annotations
@@ -33,13 +39,13 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from bench_calibration import (
     ensemble_bundle,
     evaluate_bundle,
     live_evaluation,
     print_live,
+    seed_means,
     single_model,
     test_set,
 )
@@ -61,23 +67,29 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="calibrations, training.seed = seed, seed+1, ...")
     parser.add_argument("--live", action="store_true", help="also the live figures on sub-07's session 1")
     parser.add_argument("--sizes", default="", help="also the ensembles of the first N seeds, e.g. 2,3,4,5")
-    parser.add_argument("--out", default="bench/results/seed_ensemble-dev-subject.json")
+    parser.add_argument("--pretrain-epochs", type=int,
+                        help="override training.pretrain_epochs (its own cache folders: pretrained-dev-<N>ep, ...)")
+    parser.add_argument("--out", help="JSON (default bench/results/seed_ensemble-dev-subject[-pretrain<N>ep].json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
 
-    config = load_config(args.config)
+    overrides = {"training": {"pretrain_epochs": args.pretrain_epochs}} if args.pretrain_epochs else None
+    config = load_config(args.config, overrides)
+    # Another pretraining length gets its own pretrained model and bundles, beside the preset's.
+    tag = f"-{args.pretrain_epochs}ep" if args.pretrain_epochs else ""
     work = Path(args.work)
     world = PhantomWorld(config, progress=False)
     tokens = phantom_image_tokens(config, world=world)
-    pretrained, model_dir, session_dirs, mask, sessions = dev_subject_sessions(config, world, work)
+    pretrained, model_dir, session_dirs, mask, sessions = dev_subject_sessions(config, world, work,
+                                                                               f"pretrained-dev{tag}")
     test_z, test_tokens = test_set(sessions, tokens)
     sid = subject_id(DEV_SUBJECT)
     per_seed, bundle_dirs = [], []
     for seed in range(config.training.seed, config.training.seed + args.seeds):
         started = time.perf_counter()
         seeded = single_model(config, seed)
-        bundle_dir = work / f"bundle-dev-seed{seed}"
+        bundle_dir = work / f"bundle-dev{tag}-seed{seed}"
         report = calibrate(seeded, session_dirs[0], bundle_dir, sid, mask, pretrained_dir=model_dir,
                            session=sessions[0], images=tokens, progress=False)
         scores = evaluate_bundle(bundle_dir, sid, test_z, test_tokens, report)
@@ -85,25 +97,26 @@ def main() -> None:
         per_seed.append(scores)
         bundle_dirs.append(bundle_dir)
         logger.info("seed %d: image %.3f, brain %.3f", seed, scores["image_top1"], scores["brain_top1"])
-    ensemble_dir = ensemble_bundle(bundle_dirs, work / "bundle-dev-ensemble")
+    ensemble_dir = ensemble_bundle(bundle_dirs, work / f"bundle-dev{tag}-ensemble")
     ensemble = evaluate_bundle(ensemble_dir, sid, test_z, test_tokens) | {"n_models": len(bundle_dirs)}
     by_size = {}
     for size in sorted({int(n) for n in args.sizes.split(",") if n.strip()}):
         if not 2 <= size <= len(bundle_dirs):
             raise SystemExit(f"--sizes: {size} is not between 2 and --seeds {len(bundle_dirs)}")
-        folder = ensemble_bundle(bundle_dirs[:size], work / f"bundle-dev-ensemble-{size}")
+        folder = ensemble_bundle(bundle_dirs[:size], work / f"bundle-dev{tag}-ensemble-{size}")
         by_size[size] = evaluate_bundle(folder, sid, test_z, test_tokens)
     live = {}
     if args.live:
         for name, bundle_dir in (("first_seed", bundle_dirs[0]), ("seed_ensemble", ensemble_dir)):
             live[name] = live_evaluation(config, bundle_dir, session_dirs[1], sessions[1], tokens)
-    mean = {key: round(float(np.mean([r[key] for r in per_seed])), 4) for key in ("image_top1", "brain_top1")}
+    mean = seed_means(per_seed)
     payload = {
         "benchmark": "seed_ensemble",
         "protocol": "dev-subject",
         "config": args.config,
         "subject": sid,
         "pretrained_on": [subject_id(s) for s in pretrained],
+        "pretrain_epochs": config.training.pretrain_epochs,
         "per_seed": per_seed,
         "mean_of_seeds": mean,
         "ensemble": ensemble,
@@ -112,18 +125,24 @@ def main() -> None:
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "processor": platform.processor()},
     }
-    out = Path(args.out)
+    out = Path(args.out or f"bench/results/seed_ensemble-dev-subject{tag.replace('-', '-pretrain', 1)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    print(f"\n{sid} (development subject), retrieval among {ensemble['pool_size']} test images, repeats averaged")
-    print(f"{'calibration':<26} {'image top-1':>12} {'brain top-1':>12}")
+    print(f"\n{sid} (development subject), retrieval among {ensemble['pool_size']} test images, repeats averaged "
+          f"(among 100 beside it), pretrained {config.training.pretrain_epochs} epochs")
+    print(f"{'calibration':<30} {'image top-1':>12} {'brain top-1':>12} {'among 100':>12}")
+
+    def row(label: str, scores: dict) -> None:
+        among_100 = scores.get("among_100")
+        beside = (f"{100 * among_100['image_top1']:.1f}/{100 * among_100['brain_top1']:.1f}" if among_100 else "")
+        print(f"{label:<30} {scores['image_top1']:>12.1%} {scores['brain_top1']:>12.1%} {beside:>12}")
+
     for r in per_seed:
-        print(f"{'seed ' + str(r['seed']):<26} {r['image_top1']:>12.1%} {r['brain_top1']:>12.1%}")
-    print(f"{'mean of the seeds':<26} {mean['image_top1']:>12.1%} {mean['brain_top1']:>12.1%}")
-    print(f"{'ensemble (one bundle)':<26} {ensemble['image_top1']:>12.1%} {ensemble['brain_top1']:>12.1%}")
+        row(f"seed {r['seed']}", r)
+    row("mean of the seeds", mean)
+    row("ensemble (one bundle)", ensemble)
     for size, scores in by_size.items():
-        print(f"{'first ' + str(size) + ' seeds in one bundle':<26} {scores['image_top1']:>12.1%} "
-              f"{scores['brain_top1']:>12.1%}")
+        row(f"first {size} seeds in one bundle", scores)
     for name, figures in live.items():
         print_live(name, figures)
 

@@ -164,6 +164,17 @@ def test_retrieval_evaluation_is_perfect_for_exact_tokens(rng) -> None:
     assert shuffled["image_top1"] < 0.5
 
 
+def test_retrieval_evaluation_scores_random_pools_of_the_given_size(rng) -> None:
+    tokens = rng.normal(size=(120, 2, 5)).astype(np.float32)
+    noisy = tokens + rng.normal(scale=1.5, size=tokens.shape).astype(np.float32)
+    among_all = retrieval_evaluation(noisy, tokens)
+    among_10 = retrieval_evaluation(noisy, tokens, pool_size=10)
+    assert among_all["pool_size"] == 120 and among_all["n_pools"] == 1
+    assert among_10["pool_size"] == 10 and among_10["n_pools"] == 30 and among_10["chance"] == 0.1
+    # fewer candidates, fewer confusions
+    assert among_10["image_top1"] > among_all["image_top1"] and among_10["brain_top1"] > among_all["brain_top1"]
+
+
 def test_calibrate_writes_a_bundle_the_live_decoder_loads(tmp_path, session, betas) -> None:
     config, world, root, truth = session
     report = calibrate(

@@ -157,7 +157,9 @@ def predict_clip_tokens(model: Any, subject_id: str, betas: np.ndarray, batch_si
     return np.concatenate(out) if out else np.zeros((0, model.config.n_tokens, model.config.token_dim), np.float32)
 
 
-def retrieval_evaluation(predicted: np.ndarray, targets: np.ndarray, seed: int = 0) -> dict[str, Any]:
+def retrieval_evaluation(
+    predicted: np.ndarray, targets: np.ndarray, seed: int = 0, pool_size: int = RETRIEVAL_POOL
+) -> dict[str, Any]:
     """Image and brain retrieval top-1 among 300 candidates (all when fewer), as a JSON-ready dict.
 
     Parameters
@@ -166,12 +168,14 @@ def retrieval_evaluation(predicted: np.ndarray, targets: np.ndarray, seed: int =
         Predicted retrieval tokens (repeats averaged before prediction) and true image tokens.
     seed : int, default=0
         Seed of the random pools.
+    pool_size : int, default=300
+        Candidates per random pool (``RETRIEVAL_POOLS`` pools); all images when fewer.
     """
     from rtdecoder.decode.metrics import retrieval_top1
 
     if len(predicted) < 2:
         return {"n_test_images": int(len(predicted)), "note": "fewer than 2 held-out images; not evaluated"}
-    scores = retrieval_top1(predicted, targets, RETRIEVAL_POOL, RETRIEVAL_POOLS, seed=seed)
+    scores = retrieval_top1(predicted, targets, pool_size, RETRIEVAL_POOLS, seed=seed)
     return {
         "image_top1": round(scores.image, 4),
         "brain_top1": round(scores.brain, 4),
