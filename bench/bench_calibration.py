@@ -492,8 +492,9 @@ def ridge_ceiling(world: PhantomWorld, sessions: list, runs: list[int], tokens: 
     What is left of the world's variability is the brain's own: the trial-to-trial share of the
     response that does not repeat with the image (``STIMULUS_SHARE``) and the voxels' tuning to
     the image's latent; no scanner noise, motion, drift or GLM error. The ridge's retrieval on
-    these betas is the ceiling the measured betas are held to, as the NSD-like world's
-    "noiseless betas" row.
+    these betas bounds what (c) could reach with perfect betas, as the NSD-like world's
+    "noiseless betas" row; it bounds the ridge, not the model (which passes it in the image
+    direction on the phantom).
     """
     truths = [
         dataclasses.replace(session, betas=np.concatenate(
