@@ -526,6 +526,11 @@ def _all_sessions(sessions: list, tokens, model_dir, config, work: Path, test_z,
     return result
 
 
+def percent_pair(scores: dict) -> str:
+    """Image / brain top-1 as ``"28.3/29.0"`` (percent)."""
+    return f"{100 * scores['image_top1']:.1f}/{100 * scores['brain_top1']:.1f}"
+
+
 def _print_table(payload: dict) -> None:
     print(f"\nheld-out subject sub-08, {payload['n_test_images']} test images (repeats averaged), "
           f"calibration: {payload['calibration_runs']} runs, {payload['calibration_train_trials']} training trials")
@@ -533,10 +538,9 @@ def _print_table(payload: dict) -> None:
     for name, result in payload["results"].items():
         spread = ""
         if len(result.get("per_seed", [])) > 1:
-            spread = "  seeds: " + ", ".join(f"{100 * r['image_top1']:.1f}/{100 * r['brain_top1']:.1f}"
-                                             for r in result["per_seed"])
+            spread = "  seeds: " + ", ".join(percent_pair(r) for r in result["per_seed"])
         among_100 = result.get("among_100")
-        beside = f"{100 * among_100['image_top1']:.1f}/{100 * among_100['brain_top1']:.1f}" if among_100 else ""
+        beside = percent_pair(among_100) if among_100 else ""
         print(f"{name:<30} {100 * result['image_top1']:>11.1f}% {100 * result['brain_top1']:>11.1f}% "
               f"{result['pool_size']:>6} {beside:>12}{spread}")
     steps = payload.get("beta_steps")

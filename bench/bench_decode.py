@@ -62,7 +62,7 @@ def main() -> None:
 
     from rtdecoder.config import load_config
     from rtdecoder.decode.engine import sample_prior
-    from rtdecoder.decode.ensemble import ModelEnsemble
+    from rtdecoder.decode.ensemble import as_model
     from rtdecoder.decode.model import MindEye2
     from rtdecoder.engines.onnx_export import export_onnx
     from rtdecoder.engines.onnx_runtime import OnnxRuntimeEngine
@@ -74,7 +74,7 @@ def main() -> None:
     for seed in range(n_models):
         torch.manual_seed(seed)
         members.append(MindEye2(config.model, {"sub-01": config.phantom.n_voxels}).eval())
-    model = members[0] if n_models == 1 else ModelEnsemble(members).eval()
+    model = as_model(members).eval()
     betas = torch.randn(1, config.phantom.n_voxels)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_engine = OnnxRuntimeEngine(export_onnx(model, "sub-01", tmp), n_threads=args.threads)

@@ -44,6 +44,7 @@ from bench_calibration import (
     ensemble_bundle,
     evaluate_bundle,
     live_evaluation,
+    percent_pair,
     print_live,
     seed_means,
     single_model,
@@ -125,7 +126,8 @@ def main() -> None:
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "processor": platform.processor()},
     }
-    out = Path(args.out or f"bench/results/seed_ensemble-dev-subject{tag.replace('-', '-pretrain', 1)}.json")
+    default_out = "bench/results/seed_ensemble-dev-subject" + (f"-pretrain{tag[1:]}" if tag else "") + ".json"
+    out = Path(args.out or default_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     print(f"\n{sid} (development subject), retrieval among {ensemble['pool_size']} test images, repeats averaged "
@@ -134,7 +136,7 @@ def main() -> None:
 
     def row(label: str, scores: dict) -> None:
         among_100 = scores.get("among_100")
-        beside = (f"{100 * among_100['image_top1']:.1f}/{100 * among_100['brain_top1']:.1f}" if among_100 else "")
+        beside = percent_pair(among_100) if among_100 else ""
         print(f"{label:<30} {scores['image_top1']:>12.1%} {scores['brain_top1']:>12.1%} {beside:>12}")
 
     for r in per_seed:

@@ -448,7 +448,7 @@ class SubjectBundle:
     def load_model(self, device: str = "cpu") -> Any:
         """The fine-tuned MindEye2 (a :class:`~rtdecoder.decode.ensemble.ModelEnsemble` when the bundle
         holds several), checked against this bundle's voxel count and embedding."""
-        from rtdecoder.decode.ensemble import ModelEnsemble
+        from rtdecoder.decode.ensemble import as_model
         from rtdecoder.decode.model import MindEye2
 
         if self.model_dir is None:
@@ -458,7 +458,7 @@ class SubjectBundle:
             member = MindEye2.from_pretrained(folder, device=device)
             self._check_model(member, folder / "config.json")
             members.append(member)
-        return members[0] if len(members) == 1 else ModelEnsemble(members)
+        return as_model(members)
 
     def _check_model(self, model: Any, config_path: Path) -> None:
         if model.subjects.get(self.subject_id) != self.n_voxels:

@@ -492,7 +492,7 @@ def train_models(
     import torch
 
     from rtdecoder.calibration.train import finetune, train
-    from rtdecoder.decode.ensemble import ModelEnsemble
+    from rtdecoder.decode.ensemble import as_model
     from rtdecoder.decode.model import MindEye2
 
     members = []
@@ -508,7 +508,7 @@ def train_models(
                 model = MindEye2(config.model, {dataset.subject_id: n_voxels})
                 train(model, {dataset.subject_id: dataset}, recipe, work, progress=progress)
         members.append(model)
-    return members[0] if len(members) == 1 else ModelEnsemble(members)
+    return as_model(members)
 
 
 def _trial_tokens(

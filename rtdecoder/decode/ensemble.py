@@ -95,3 +95,8 @@ class ModelEnsemble(nn.Module):
 def as_members(model: MindEye2 | ModelEnsemble) -> list[MindEye2]:
     """The single models of a model or an ensemble, in order."""
     return list(model.members) if isinstance(model, ModelEnsemble) else [model]
+
+
+def as_model(members: Sequence[MindEye2]) -> MindEye2 | ModelEnsemble:
+    """One member as itself, several as their :class:`ModelEnsemble` (the inverse of :func:`as_members`)."""
+    return members[0] if len(members) == 1 else ModelEnsemble(members)
