@@ -20,6 +20,9 @@ first seed's bundle and of the ensemble on ``sub-07``'s session 1, which neither
 ``--pretrain-epochs N`` pretrains for N epochs instead of the preset's ``training.pretrain_epochs``,
 into its own cache folders (``pretrained-dev-<N>ep``, ``bundle-dev-<N>ep-*``) and JSON
 (``seed_ensemble-dev-subject-pretrain<N>ep.json``): how the pretraining length was chosen.
+``--epochs N`` calibrates for N epochs instead of the preset's ``training.epochs`` (the same pretrained
+model; bundles ``bundle-dev[-<P>ep]-cal<N>ep-*``, JSON ``...-cal<N>ep.json``): how the calibration
+length was chosen.
 
 Every figure is also given among 100 (``among_100`` in the JSON; the last column of the table).
 
@@ -70,15 +73,20 @@ def main() -> None:
     parser.add_argument("--sizes", default="", help="also the ensembles of the first N seeds, e.g. 2,3,4,5")
     parser.add_argument("--pretrain-epochs", type=int,
                         help="override training.pretrain_epochs (its own cache folders: pretrained-dev-<N>ep, ...)")
+    parser.add_argument("--epochs", type=int,
+                        help="override training.epochs, the calibration's (its own bundles: bundle-dev-cal<N>ep-*)")
     parser.add_argument("--out", help="JSON (default bench/results/seed_ensemble-dev-subject[-pretrain<N>ep].json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
 
-    overrides = {"training": {"pretrain_epochs": args.pretrain_epochs}} if args.pretrain_epochs else None
-    config = load_config(args.config, overrides)
-    # Another pretraining length gets its own pretrained model and bundles, beside the preset's.
+    training = {key: value for key, value in (("pretrain_epochs", args.pretrain_epochs), ("epochs", args.epochs))
+                if value}
+    config = load_config(args.config, {"training": training} if training else None)
+    # Another pretraining length gets its own pretrained model and bundles, beside the preset's;
+    # another calibration length its own bundles.
     tag = f"-{args.pretrain_epochs}ep" if args.pretrain_epochs else ""
+    bundle_tag = tag + (f"-cal{args.epochs}ep" if args.epochs else "")
     work = Path(args.work)
     world = PhantomWorld(config, progress=False)
     tokens = phantom_image_tokens(config, world=world)
@@ -90,7 +98,7 @@ def main() -> None:
     for seed in range(config.training.seed, config.training.seed + args.seeds):
         started = time.perf_counter()
         seeded = single_model(config, seed)
-        bundle_dir = work / f"bundle-dev{tag}-seed{seed}"
+        bundle_dir = work / f"bundle-dev{bundle_tag}-seed{seed}"
         report = calibrate(seeded, session_dirs[0], bundle_dir, sid, mask, pretrained_dir=model_dir,
                            session=sessions[0], images=tokens, progress=False)
         scores = evaluate_bundle(bundle_dir, sid, test_z, test_tokens, report)
@@ -98,13 +106,13 @@ def main() -> None:
         per_seed.append(scores)
         bundle_dirs.append(bundle_dir)
         logger.info("seed %d: image %.3f, brain %.3f", seed, scores["image_top1"], scores["brain_top1"])
-    ensemble_dir = ensemble_bundle(bundle_dirs, work / f"bundle-dev{tag}-ensemble")
+    ensemble_dir = ensemble_bundle(bundle_dirs, work / f"bundle-dev{bundle_tag}-ensemble")
     ensemble = evaluate_bundle(ensemble_dir, sid, test_z, test_tokens) | {"n_models": len(bundle_dirs)}
     by_size = {}
     for size in sorted({int(n) for n in args.sizes.split(",") if n.strip()}):
         if not 2 <= size <= len(bundle_dirs):
             raise SystemExit(f"--sizes: {size} is not between 2 and --seeds {len(bundle_dirs)}")
-        folder = ensemble_bundle(bundle_dirs[:size], work / f"bundle-dev{tag}-ensemble-{size}")
+        folder = ensemble_bundle(bundle_dirs[:size], work / f"bundle-dev{bundle_tag}-ensemble-{size}")
         by_size[size] = evaluate_bundle(folder, sid, test_z, test_tokens)
     live = {}
     if args.live:
@@ -118,6 +126,7 @@ def main() -> None:
         "subject": sid,
         "pretrained_on": [subject_id(s) for s in pretrained],
         "pretrain_epochs": config.training.pretrain_epochs,
+        "calibration_epochs": config.training.epochs,
         "per_seed": per_seed,
         "mean_of_seeds": mean,
         "ensemble": ensemble,
@@ -126,12 +135,14 @@ def main() -> None:
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "processor": platform.processor()},
     }
-    default_out = "bench/results/seed_ensemble-dev-subject" + (f"-pretrain{tag[1:]}" if tag else "") + ".json"
+    default_out = ("bench/results/seed_ensemble-dev-subject" + (f"-pretrain{tag[1:]}" if tag else "")
+                   + (f"-cal{args.epochs}ep" if args.epochs else "") + ".json")
     out = Path(args.out or default_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     print(f"\n{sid} (development subject), retrieval among {ensemble['pool_size']} test images, repeats averaged "
-          f"(among 100 beside it), pretrained {config.training.pretrain_epochs} epochs")
+          f"(among 100 beside it), pretrained {config.training.pretrain_epochs} epochs, "
+          f"calibrated {config.training.epochs}")
     print(f"{'calibration':<30} {'image top-1':>12} {'brain top-1':>12} {'among 100':>12}")
 
     def row(label: str, scores: dict) -> None:

@@ -74,3 +74,12 @@ def test_bad_config_exits_non_zero_without_traceback(tmp_path, capsys) -> None:
 def test_config_check_prints_resolved_config(capsys) -> None:
     assert main(["config", "check", "phantom"]) == 0
     assert "tr_s: 1.6" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--pretrain-epochs", "--calibration-epochs"])
+def test_demo_refuses_zero_epochs_before_any_work(flag: str, tmp_path, capsys) -> None:
+    work_dir = tmp_path / "demo"
+    assert main(["demo", "--work-dir", str(work_dir), flag, "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("rtdecoder: error: ") and f"{flag}: expected at least 1 epoch (got 0)" in err
+    assert not work_dir.exists()

@@ -73,6 +73,8 @@ def add_session_commands(groups: argparse._SubParsersAction) -> None:
     demo.add_argument("--calibration-runs", type=int, default=None, help="default: a whole session")
     demo.add_argument("--pretrain-sessions", type=int, default=1, help="sessions per pretraining subject (default 1)")
     demo.add_argument("--pretrain-epochs", type=int, default=2, help="pretraining epochs of the demo (default 2)")
+    demo.add_argument("--calibration-epochs", type=int, default=20,
+                      help="epochs of each calibration fine-tune in the demo (default 20)")
     demo.add_argument("--view", action="store_true", help="serve the live view of the demo's run (view.port)")
     demo.set_defaults(handler=_demo)
 
@@ -223,9 +225,14 @@ def _demo(args: argparse.Namespace) -> int:
 
     if args.speed <= 0:
         raise ConfigError(f"--speed: expected a positive factor (got {args.speed})")
+    for flag, epochs in (("--pretrain-epochs", args.pretrain_epochs),
+                         ("--calibration-epochs", args.calibration_epochs)):
+        if epochs < 1:
+            raise ConfigError(f"{flag}: expected at least 1 epoch (got {epochs})")
     figures = run_demo(load_config(args.config), args.work_dir, speed=args.speed,
                        calibration_runs=args.calibration_runs, pretrain_sessions=args.pretrain_sessions,
-                       pretrain_epochs=args.pretrain_epochs, view=args.view)
+                       pretrain_epochs=args.pretrain_epochs,
+                       calibration_epochs=args.calibration_epochs, view=args.view)
     for key, value in figures.items():
         print(f"{key:36s} {value}")
     return 0 if figures["messages_missing_at_subscriber"] == 0 else 1

@@ -30,6 +30,7 @@ def run_demo(
     calibration_runs: int | None = None,
     pretrain_sessions: int = 1,
     pretrain_epochs: int | None = 2,
+    calibration_epochs: int | None = 20,
     progress: bool = True,
     view: bool = False,
 ) -> dict[str, Any]:
@@ -51,6 +52,9 @@ def run_demo(
     pretrain_epochs : int or None, default=2
         Pretraining epochs for the demo (``None``: ``training.pretrain_epochs``). The demo's
         pretrained model is a quick one; ``bench/bench_calibration.py`` measures the full recipe.
+    calibration_epochs : int or None, default=20
+        Calibration epochs of each fine-tune (``None``: ``training.epochs``): half the phantom
+        preset's 40, so that the demo's three fine-tunes take minutes, not a quarter of an hour.
     view : bool, default=False
         Serve the operator's live view (:mod:`rtdecoder.view`, at ``view.host:view.port``) while
         the live run is scanned, with the stimulus bank's thumbnails; its URL is in the figures.
@@ -72,9 +76,12 @@ def run_demo(
             update={"result_address": "tcp://127.0.0.1:*", "control_address": "tcp://127.0.0.1:*"}
         ),
     })
-    if pretrain_epochs is not None:
-        config = config.model_copy(update={"training": config.training.model_copy(
-            update={"pretrain_epochs": pretrain_epochs})})
+    demo_training = {key: value for key, value in (("pretrain_epochs", pretrain_epochs),
+                                                   ("epochs", calibration_epochs)) if value is not None}
+    if demo_training:
+        # validated, so that --calibration-epochs 0 is refused as a config value would be
+        training = type(config.training).model_validate(config.training.model_dump() | demo_training)
+        config = config.model_copy(update={"training": training})
     started = time.monotonic()
     world = PhantomWorld(config, progress=progress)
     bank_tokens = phantom_image_tokens(config, world=world, progress=progress)  # the stimuli, as calibration sees them
