@@ -75,7 +75,8 @@ def main() -> None:
                         help="override training.pretrain_epochs (its own cache folders: pretrained-dev-<N>ep, ...)")
     parser.add_argument("--epochs", type=int,
                         help="override training.epochs, the calibration's (its own bundles: bundle-dev-cal<N>ep-*)")
-    parser.add_argument("--out", help="JSON (default bench/results/seed_ensemble-dev-subject[-pretrain<N>ep].json)")
+    parser.add_argument("--out",
+                        help="JSON (default bench/results/seed_ensemble-dev-subject[-pretrain<N>ep][-cal<N>ep].json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
