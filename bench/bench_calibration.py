@@ -42,8 +42,8 @@ after onset), at the latest beta at most 29.5 s after onset ("slow") and at the 
 each run's images and among the session's test images; with the same session's test repeats
 averaged (final betas) beside them, and those of the offline calibration path on the same session
 (its own motion reference), z-scored with the bundle's statistics, for comparison.
-``--live-only`` measures (a) and the live figures only (no (b), (c), (d); one seed; JSON in
-``bench/results/calibration-live.json``).
+``--live-only`` measures (a) and the live figures only (no (b), (c), (d); ``--seeds`` seeds, one by
+default, and their ensemble; JSON in ``bench/results/calibration-live.json``).
 
 ``--seeds N`` calibrates (a) and (b) N times as single models (``training.ensemble_size`` 1),
 with ``training.seed`` = seed, seed+1, ... (the new adapter's initial weights, the shuffling,
@@ -176,7 +176,7 @@ def main() -> None:
 
     test_z, test_tokens = test_set(sessions, tokens)
     results = {}
-    seeds = [config.training.seed + k for k in range(1 if args.live_only else args.seeds)]
+    seeds = [config.training.seed + k for k in range(args.seeds)]
     settings = (("a_pretrained_1_session", model_dir),) if args.live_only else (
         ("a_pretrained_1_session", model_dir), ("b_scratch_1_session", None))
     for name, pretrained in settings:
