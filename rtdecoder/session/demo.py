@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rtdecoder.config import RTDecoderConfig
+from rtdecoder.config import RTDecoderConfig, config_from_dict
 from rtdecoder.errors import DecoderError
 
 logger = logging.getLogger(__name__)
@@ -79,9 +79,9 @@ def run_demo(
     demo_training = {key: value for key, value in (("pretrain_epochs", pretrain_epochs),
                                                    ("epochs", calibration_epochs)) if value is not None}
     if demo_training:
-        # validated, so that --calibration-epochs 0 is refused as a config value would be
-        training = type(config.training).model_validate(config.training.model_dump() | demo_training)
-        config = config.model_copy(update={"training": training})
+        # through the config's own validation, so that 0 epochs is refused as a config value would be
+        raw = config.model_dump(mode="json")
+        config = config_from_dict(raw | {"training": raw["training"] | demo_training}, origin="rtdecoder demo")
     started = time.monotonic()
     world = PhantomWorld(config, progress=progress)
     bank_tokens = phantom_image_tokens(config, world=world, progress=progress)  # the stimuli, as calibration sees them
