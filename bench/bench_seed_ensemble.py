@@ -22,7 +22,9 @@ into its own cache folders (``pretrained-dev-<N>ep``, ``bundle-dev-<N>ep-*``) an
 (``seed_ensemble-dev-subject-pretrain<N>ep.json``): how the pretraining length was chosen.
 ``--epochs N`` calibrates for N epochs instead of the preset's ``training.epochs`` (the same pretrained
 model; bundles ``bundle-dev[-<P>ep]-cal<N>ep-*``, JSON ``...-cal<N>ep.json``): how the calibration
-length was chosen.
+length was chosen. ``--live-beta-fraction F`` calibrates with ``training.live_beta_fraction`` F (bundles
+``bundle-dev[...]-live<F>-*``, JSON ``...-live<F>.json``; ``0``: final betas only): how the live betas' share was
+chosen.
 
 Every figure is also given among 100 (``among_100`` in the JSON; the last column of the table).
 
@@ -75,19 +77,23 @@ def main() -> None:
                         help="override training.pretrain_epochs (its own cache folders: pretrained-dev-<N>ep, ...)")
     parser.add_argument("--epochs", type=int,
                         help="override training.epochs, the calibration's (its own bundles: bundle-dev-cal<N>ep-*)")
+    parser.add_argument("--live-beta-fraction", type=float,
+                        help="override training.live_beta_fraction (its own bundles: bundle-dev[...]-live<F>-*)")
     parser.add_argument("--out",
                         help="JSON (default bench/results/seed_ensemble-dev-subject[-pretrain<N>ep][-cal<N>ep].json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
 
-    training = {key: value for key, value in (("pretrain_epochs", args.pretrain_epochs), ("epochs", args.epochs))
-                if value}
+    training = {key: value for key, value in (("pretrain_epochs", args.pretrain_epochs), ("epochs", args.epochs),
+                                              ("live_beta_fraction", args.live_beta_fraction))
+                if value is not None}
     config = load_config(args.config, {"training": training} if training else None)
     # Another pretraining length gets its own pretrained model and bundles, beside the preset's;
     # another calibration length its own bundles.
     tag = f"-{args.pretrain_epochs}ep" if args.pretrain_epochs else ""
-    bundle_tag = tag + (f"-cal{args.epochs}ep" if args.epochs else "")
+    bundle_tag = (tag + (f"-cal{args.epochs}ep" if args.epochs else "")
+                  + (f"-live{args.live_beta_fraction:g}" if args.live_beta_fraction is not None else ""))
     work = Path(args.work)
     world = PhantomWorld(config, progress=False)
     tokens = phantom_image_tokens(config, world=world)
@@ -107,8 +113,10 @@ def main() -> None:
         per_seed.append(scores)
         bundle_dirs.append(bundle_dir)
         logger.info("seed %d: image %.3f, brain %.3f", seed, scores["image_top1"], scores["brain_top1"])
-    ensemble_dir = ensemble_bundle(bundle_dirs, work / f"bundle-dev{bundle_tag}-ensemble")
-    ensemble = evaluate_bundle(ensemble_dir, sid, test_z, test_tokens) | {"n_models": len(bundle_dirs)}
+    ensemble_dir, ensemble = None, {}
+    if len(bundle_dirs) > 1:  # one seed: no ensemble to score
+        ensemble_dir = ensemble_bundle(bundle_dirs, work / f"bundle-dev{bundle_tag}-ensemble")
+        ensemble = evaluate_bundle(ensemble_dir, sid, test_z, test_tokens) | {"n_models": len(bundle_dirs)}
     by_size = {}
     for size in sorted({int(n) for n in args.sizes.split(",") if n.strip()}):
         if not 2 <= size <= len(bundle_dirs):
@@ -118,7 +126,8 @@ def main() -> None:
     live = {}
     if args.live:
         for name, bundle_dir in (("first_seed", bundle_dirs[0]), ("seed_ensemble", ensemble_dir)):
-            live[name] = live_evaluation(config, bundle_dir, session_dirs[1], sessions[1], tokens)
+            if bundle_dir is not None:
+                live[name] = live_evaluation(config, bundle_dir, session_dirs[1], sessions[1], tokens)
     mean = seed_means(per_seed)
     payload = {
         "benchmark": "seed_ensemble",
@@ -128,6 +137,7 @@ def main() -> None:
         "pretrained_on": [subject_id(s) for s in pretrained],
         "pretrain_epochs": config.training.pretrain_epochs,
         "calibration_epochs": config.training.epochs,
+        "live_beta_fraction": config.training.live_beta_fraction,
         "per_seed": per_seed,
         "mean_of_seeds": mean,
         "ensemble": ensemble,
@@ -137,11 +147,12 @@ def main() -> None:
                     "threads": torch.get_num_threads(), "processor": platform.processor()},
     }
     default_out = ("bench/results/seed_ensemble-dev-subject" + (f"-pretrain{tag[1:]}" if tag else "")
-                   + (f"-cal{args.epochs}ep" if args.epochs else "") + ".json")
+                   + (f"-cal{args.epochs}ep" if args.epochs else "")
+                   + (f"-live{args.live_beta_fraction:g}" if args.live_beta_fraction is not None else "") + ".json")
     out = Path(args.out or default_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    print(f"\n{sid} (development subject), retrieval among {ensemble['pool_size']} test images, repeats averaged "
+    print(f"\n{sid} (development subject), retrieval among {per_seed[0]['pool_size']} test images, repeats averaged "
           f"(among 100 beside it), pretrained {config.training.pretrain_epochs} epochs, "
           f"calibrated {config.training.epochs}")
     print(f"{'calibration':<30} {'image top-1':>12} {'brain top-1':>12} {'among 100':>12}")
@@ -154,7 +165,8 @@ def main() -> None:
     for r in per_seed:
         row(f"seed {r['seed']}", r)
     row("mean of the seeds", mean)
-    row("ensemble (one bundle)", ensemble)
+    if ensemble:
+        row("ensemble (one bundle)", ensemble)
     for size, scores in by_size.items():
         row(f"first {size} seeds in one bundle", scores)
     for name, figures in live.items():

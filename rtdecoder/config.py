@@ -351,6 +351,17 @@ class TrainingConfig(Section):
         1.0, gt=0.0, le=1.0,
         description="fine-tuning: learning rate of the pretrained weights / the new adapter's (paper: 1)",
     )
+    live_beta_fraction: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="calibration: share of each step's trials given as one of their live betas (the first release "
+        "or a refinement, from the calibration session replayed through the live front end) instead of their "
+        "final beta, so that the model also learns the earlier, noisier betas it decodes live (0: off)",
+    )
+    live_beta_max_after_onset_s: float = Field(
+        29.5, gt=0.0,
+        description="calibration: the latest live beta used for live_beta_fraction, s after the trial's onset "
+        "(real-time MindEye's slow stage)",
+    )
 
 
 class PublishConfig(Section):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -294,3 +295,48 @@ def test_calibrate_command_end_to_end(tmp_path, session, capsys) -> None:
     assert "held-out retrieval among" in printed
     bundle = SubjectBundle.load(out)
     assert bundle.embedding_name.startswith("efficientnet") and bundle.load_model().config.n_tokens == 49
+
+
+def test_live_training_betas_are_each_trials_own_live_releases(tmp_path, session, betas, caplog) -> None:
+    from rtdecoder.calibration.calibrate import live_training_betas
+
+    config, world, root, _ = session
+    train_rows = np.flatnonzero(~betas.is_test)
+    mean, std = zscore_stats(betas.betas[train_rows])
+    live_z, live_rows = live_training_betas(config, betas, root, train_rows, mean, std, "sub-02")
+    assert live_z.shape == (live_rows.size, betas.mask.n_voxels) and np.all(np.isfinite(live_z))
+    trials_with_live = set(live_rows.tolist())
+    assert trials_with_live <= set(range(train_rows.size)) and len(trials_with_live) > train_rows.size // 2
+    # a first release or refinement follows its own trial's final beta, not the others'
+    final_z = (betas.betas[train_rows] - mean) / std
+    corr = np.corrcoef(live_z, final_z)[: live_rows.size, live_rows.size:]
+    own = corr[np.arange(live_rows.size), live_rows]
+    assert np.median(own) > 0.3 and np.median(own) > np.median(corr) + 0.2
+    late = config.model_copy(update={"training": config.training.model_copy(
+        update={"live_beta_max_after_onset_s": 1.0})})
+    with caplog.at_level(logging.WARNING, logger="rtdecoder.calibration.calibrate"):
+        none_z, none_rows = live_training_betas(late, betas, root, train_rows, mean, std, "sub-02")
+    assert none_z.shape == (0, betas.mask.n_voxels) and none_rows.size == 0
+    assert "live_beta_max_after_onset_s = 1.0 s" in caplog.text and "final betas only" in caplog.text
+
+
+def test_calibrate_trains_on_live_betas_when_asked(tmp_path, session, betas) -> None:
+    config, world, root, _ = session
+    kwargs = dict(progress=False, session=betas, bank_tokens=world.embedding.tokens, embedding_name="test-embedder")
+    plain = calibrate(config, root, tmp_path / "plain", "sub-02", betas.mask, **kwargs)
+    live = calibrate(small_config(training={"live_beta_fraction": 1.0}), root, tmp_path / "live", "sub-02",
+                     betas.mask, **kwargs)
+    assert "n_live_training_betas" not in plain.evaluation and live.evaluation["n_live_training_betas"] > 0
+    assert "live_betas" in live.seconds
+    a = SubjectBundle.load(plain.bundle_dir).load_model().state_dict()
+    b = SubjectBundle.load(live.bundle_dir).load_model().state_dict()
+    assert not torch.equal(a["adapters.sub-02.weight"], b["adapters.sub-02.weight"])
+
+
+def test_the_live_beta_settings_leave_the_pretraining_cache_alone() -> None:
+    """Calibration-only: turning live betas on reuses the pretrained model instead of pretraining again."""
+    from rtdecoder.calibration.pretrain import pretraining_key
+
+    config = small_config()
+    live = small_config(training={"live_beta_fraction": 0.5, "live_beta_max_after_onset_s": 20.0})
+    assert pretraining_key(config, "data") == pretraining_key(live, "data")

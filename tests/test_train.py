@@ -180,3 +180,43 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     ddp = MindEye2.from_pretrained(tmp_path / "ddp" / "model")
     for k, v in single.state_dict().items():
         torch.testing.assert_close(ddp.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_live_betas_stand_in_for_their_own_trial_only():
+    n, v = 10, 3
+    betas = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, v)  # row i is all i
+    live_rows = torch.tensor([4, 2, 4, 7, 4])  # trial 4 has three live betas, 2 and 7 one each
+    live = 100 + 10 * live_rows[:, None].float().repeat(1, v) + torch.arange(5.0)[:, None]
+    ds = SubjectDataset("s1", betas, torch.zeros(n, 1, 2), torch.arange(n), live_betas=live, live_rows=live_rows)
+    rows = torch.arange(n).repeat(20)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(ds.batch_betas(rows, 0.0, gen), betas[rows])
+    drawn = ds.batch_betas(rows, 1.0, gen)
+    for row, x in zip(rows.tolist(), drawn, strict=True):
+        if row in (2, 4, 7):  # always one of its own live betas
+            assert int(x[0]) // 10 == 10 + row
+        else:  # no live beta: its final one
+            assert torch.equal(x, betas[row])
+    assert {float(x[0]) for row, x in zip(rows.tolist(), drawn, strict=True) if row == 4} == {140.0, 142.0, 144.0}
+    half = ds.batch_betas(torch.full((400,), 4), 0.5, torch.Generator().manual_seed(1))
+    assert 150 < int((half[:, 0] >= 100).sum()) < 250
+    with pytest.raises(BundleError, match="live_rows: expected trial rows in"):
+        SubjectDataset("s1", betas, torch.zeros(n, 1, 2), torch.arange(n), live_betas=live[:1],
+                       live_rows=torch.tensor([n]))
+    with pytest.raises(BundleError, match="live_betas and live_rows"):
+        SubjectDataset("s1", betas, torch.zeros(n, 1, 2), torch.arange(n), live_betas=live)
+
+
+def test_live_betas_change_training_only_when_drawn(tmp_path):
+    base = datasets()["s2"]
+    noisy = base.betas + torch.randn(base.betas.shape, generator=torch.Generator().manual_seed(5))
+    with_live = SubjectDataset("s2", base.betas, base.targets, base.image_index, live_betas=noisy,
+                               live_rows=torch.arange(len(base)))
+    states = []
+    for ds, fraction in ((base, 0.0), (with_live, 0.0), (with_live, 0.5)):
+        model = tiny_model()
+        train(model, {"s1": datasets()["s1"], "s2": ds}, recipe(live_beta_fraction=fraction),
+              tmp_path / str(len(states)), progress=False)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not torch.equal(states[0]["adapters.s2.weight"], states[2]["adapters.s2.weight"])

@@ -400,9 +400,17 @@ def calibrate(
     z = (session.betas - beta_mean) / beta_std
     _, image_codes = np.unique(keys, return_inverse=True)
 
+    live_z = live_rows = None
+    if config.training.live_beta_fraction > 0:
+        live_started = time.perf_counter()
+        live_z, live_rows = live_training_betas(config, session, session_dir, train_rows, beta_mean, beta_std,
+                                                subject_id, select=select, progress=progress)
+        seconds["live_betas"] = time.perf_counter() - live_started
     dataset = SubjectDataset(
         subject_id, torch.from_numpy(z[train_rows]), torch.from_numpy(tokens[train_rows]),
         torch.from_numpy(image_codes[train_rows].astype(np.int64)),
+        live_betas=None if live_z is None else torch.from_numpy(live_z),
+        live_rows=None if live_rows is None else torch.from_numpy(live_rows),
     )
     train_started = time.perf_counter()
     if pretrained_dir is not None:
@@ -411,6 +419,8 @@ def calibrate(
     seconds["training"] = time.perf_counter() - train_started
 
     evaluation: dict[str, Any] = {"n_train_trials": int(train_rows.size)}
+    if live_rows is not None:
+        evaluation["n_live_training_betas"] = int(live_rows.size)
     if int((~has_image).sum()):
         evaluation["n_trials_without_image"] = int((~has_image).sum())
     if test_rows.size:
@@ -463,6 +473,82 @@ def calibrate(
         selection.save_reliability(out_dir / RELIABILITY_FILE)
     logger.info("bundle written to %s (evaluation %s)", out_dir, evaluation)
     return CalibrationReport(out_dir, evaluation, seconds, int(train_rows.size), dict(session.mask.provenance))
+
+
+def live_training_betas(
+    config: RTDecoderConfig,
+    session: SessionBetas,
+    session_dir: str | Path,
+    train_rows: np.ndarray,
+    beta_mean: np.ndarray,
+    beta_std: np.ndarray,
+    subject_id: str,
+    select: dict[str, str] | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The training trials' live betas: the calibration session replayed through the live front end.
+
+    A live session decodes each trial first from a beta released ``glm.beta_wait_s`` after its onset
+    and then from refinements, which are noisier than the whole-run betas a model is trained on.
+    Here the session goes through the front end ``run`` would build from this calibration (its
+    reference, ``signal_mean``, HRFs and GLMdenoise components;
+    :func:`rtdecoder.calibration.evaluate.replay_session`), and every first release and refinement
+    of a training trial up to ``training.live_beta_max_after_onset_s`` after its onset is kept,
+    z-scored with the training betas' statistics, as the live decoder z-scores it.
+
+    Parameters
+    ----------
+    config : RTDecoderConfig
+    session : SessionBetas
+        The session's offline betas (its geometry and trials).
+    session_dir : str or Path
+        The same session's runs.
+    train_rows : ndarray of int, shape (N,)
+        The training trials (rows of ``session.betas``), in dataset order.
+    beta_mean, beta_std : ndarray of shape (n_voxels,)
+        The z-score statistics of the training betas.
+    subject_id : str
+    select : dict of str to str, optional
+        BIDS entity values the runs must have.
+    progress : bool, default=False
+
+    Returns
+    -------
+    live_z : ndarray of shape (M, n_voxels), float32
+        z-scored live betas (none, with a warning, when no training trial has one in time).
+    live_rows : ndarray of shape (M,), int64
+        The dataset row (index into ``train_rows``) of each.
+    """
+    from rtdecoder.calibration.evaluate import LiveBeta, replay_session
+
+    row_of = {(session.run_labels[row], session.trials[row].trial_id): i for i, row in enumerate(train_rows)}
+    geometry = SubjectBundle(
+        subject_id=subject_id, config=config, mask=session.mask.grid, affine=session.mask.affine,
+        reference=session.reference, signal_mean=session.signal_mean, beta_mean=beta_mean, beta_std=beta_std,
+        hrf_index=session.hrf_index, glmdenoise=session.glmdenoise,
+    )
+    kept: list[np.ndarray] = []
+    rows: list[int] = []
+    latest_s = config.training.live_beta_max_after_onset_s
+
+    def take(beta: LiveBeta) -> None:
+        row = row_of.get((beta.run, beta.trial_id))
+        if (row is not None and beta.kind != "final" and beta.after_onset_s <= latest_s and beta.beta is not None
+                and np.all(np.isfinite(beta.beta))):
+            kept.append(((beta.beta - beta_mean) / beta_std).astype(np.float32))
+            rows.append(row)
+
+    replay_session(config, geometry, session_dir, take, select=select, progress=progress)
+    if not rows:
+        # Training on the final betas alone is still a sound calibration: say so, and go on.
+        logger.warning(
+            "%s: training.live_beta_fraction: the live front end released no beta of a training trial within "
+            "training.live_beta_max_after_onset_s = %s s of its onset; training on final betas only (raise it to "
+            "use later refinements)", session_dir, latest_s,
+        )
+        return np.zeros((0, session.betas.shape[1]), np.float32), np.zeros(0, np.int64)
+    logger.info("live betas: %d of %d training trials, %d betas", len(set(rows)), len(train_rows), len(rows))
+    return np.stack(kept), np.asarray(rows, dtype=np.int64)
 
 
 def train_models(

@@ -85,15 +85,16 @@ def pretraining_key(config: RTDecoderConfig, data_fingerprint: str) -> str:
     ----------
     config : RTDecoderConfig
         Its ``embedding``, ``model`` and ``training`` sections count. Fine-tuning-only settings
-        (calibration epochs and batch, ``finetune_shared_lr_scale``, ``ensemble_size``) and
-        checkpoint frequency leave the key alone.
+        (calibration epochs and batch, ``finetune_shared_lr_scale``, ``ensemble_size``, the live
+        betas' ``live_beta_*``) and checkpoint frequency leave the key alone.
     data_fingerprint : str
         :meth:`BetasSource.fingerprint` of the data (its content and the selection).
     """
     parts = {name: getattr(config, name).model_dump(mode="json") for name in ("embedding", "model")}
     parts["training"] = pretraining_recipe(config).model_dump(
         mode="json", exclude={"pretrain_epochs", "pretrain_batch_size", "finetune_shared_lr_scale",
-                              "ensemble_size", "checkpoint_every_epochs"},
+                              "ensemble_size", "checkpoint_every_epochs", "live_beta_fraction",
+                              "live_beta_max_after_onset_s"},
     )
     parts["data"] = data_fingerprint
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

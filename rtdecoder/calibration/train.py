@@ -74,6 +74,11 @@ class SubjectDataset:
         Stimulus index of each trial (for bookkeeping and evaluation).
     lowlevel_targets : Tensor of shape (N, C, S, S), optional
         Low-level targets (image or latent); needed when the model has a low-level head.
+    live_betas : Tensor of shape (M, V), float32, optional
+        Other betas of the same trials, z-scored as ``betas``: the live front end's first releases
+        and refinements (``training.live_beta_fraction`` of each step's trials are drawn from them).
+    live_rows : Tensor of shape (M,), int64, optional
+        The trial (row of ``betas``) of each live beta; required with ``live_betas``.
     """
 
     subject_id: str
@@ -81,6 +86,8 @@ class SubjectDataset:
     targets: torch.Tensor
     image_index: torch.Tensor
     lowlevel_targets: torch.Tensor | None = None
+    live_betas: torch.Tensor | None = None
+    live_rows: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.betas = torch.as_tensor(self.betas, dtype=torch.float32)
@@ -88,6 +95,8 @@ class SubjectDataset:
         self.image_index = torch.as_tensor(self.image_index, dtype=torch.int64)
         if self.lowlevel_targets is not None:
             self.lowlevel_targets = torch.as_tensor(self.lowlevel_targets, dtype=torch.float32)
+        if (self.live_betas is None) != (self.live_rows is None):
+            raise BundleError(f"dataset {self.subject_id}: live_betas and live_rows: expected both or neither")
         n = self.betas.shape[0]
         checks = [
             ("betas", self.betas.ndim == 2, "(N, V)"),
@@ -97,10 +106,37 @@ class SubjectDataset:
         if self.lowlevel_targets is not None:
             ok = self.lowlevel_targets.ndim == 4 and self.lowlevel_targets.shape[0] == n
             checks.append(("lowlevel_targets", ok, f"({n}, C, S, S)"))
+        if self.live_betas is not None:
+            self.live_betas = torch.as_tensor(self.live_betas, dtype=torch.float32)
+            self.live_rows = torch.as_tensor(self.live_rows, dtype=torch.int64)
+            m = self.live_betas.shape[0]
+            checks += [("live_betas", self.live_betas.shape == (m, self.betas.shape[1]), f"(M, {self.betas.shape[1]})"),
+                       ("live_rows", self.live_rows.shape == (m,), f"({m},)")]
         for name, ok, expected in checks:
             if not ok:
                 got = tuple(getattr(self, name).shape)
                 raise BundleError(f"dataset {self.subject_id}: {name}: expected shape {expected} (got {got})")
+        if self.live_rows is not None:
+            if self.live_rows.numel() and not (0 <= int(self.live_rows.min()) and int(self.live_rows.max()) < n):
+                raise BundleError(f"dataset {self.subject_id}: live_rows: expected trial rows in [0, {n})")
+            # each trial's live betas as one contiguous range, for drawing one of them per step
+            order = torch.argsort(self.live_rows, stable=True)
+            self.live_betas, self.live_rows = self.live_betas[order], self.live_rows[order]
+            self._live_count = torch.bincount(self.live_rows, minlength=n)
+            self._live_start = torch.cumsum(self._live_count, 0) - self._live_count
+
+    def batch_betas(self, rows: torch.Tensor, live_fraction: float, gen: torch.Generator) -> torch.Tensor:
+        """The betas of ``rows`` for one step: each row with live betas is, with probability
+        ``live_fraction``, one of them drawn uniformly (from ``gen``), otherwise its final beta."""
+        x = self.betas[rows]
+        if self.live_betas is None or live_fraction <= 0:
+            return x  # no draws: a dataset without live betas trains exactly as before they existed
+        count = self._live_count[rows]
+        swap = (torch.rand(len(rows), generator=gen) < live_fraction) & (count > 0)
+        pick = self._live_start[rows] + (torch.rand(len(rows), generator=gen) * count).long().clamp(max=count - 1)
+        x = x.clone()
+        x[swap] = self.live_betas[pick[swap]]
+        return x
 
     def __len__(self) -> int:
         return self.betas.shape[0]
@@ -435,7 +471,7 @@ def _train_step(
     offset = 0
     for subject_id, ds in datasets.items():
         rows = order[subject_id][step_in_epoch * per_subject : (step_in_epoch + 1) * per_subject]
-        x = ds.betas[rows]
+        x = ds.batch_betas(rows, config.live_beta_fraction, gen)
         if use_mixco:
             plan = L.draw_mixup_plan(per_subject, config.mixco_beta, config.mixco_prob, gen)
             x = L.apply_mixup(x, plan)
