@@ -92,8 +92,9 @@ def main() -> None:
     # Another pretraining length gets its own pretrained model and bundles, beside the preset's;
     # another calibration length its own bundles.
     tag = f"-{args.pretrain_epochs}ep" if args.pretrain_epochs else ""
-    bundle_tag = (tag + (f"-cal{args.epochs}ep" if args.epochs else "")
-                  + (f"-live{args.live_beta_fraction:g}" if args.live_beta_fraction is not None else ""))
+    calibration_tag = ((f"-cal{args.epochs}ep" if args.epochs else "")
+                       + (f"-live{args.live_beta_fraction:g}" if args.live_beta_fraction is not None else ""))
+    bundle_tag = tag + calibration_tag
     work = Path(args.work)
     world = PhantomWorld(config, progress=False)
     tokens = phantom_image_tokens(config, world=world)
@@ -147,8 +148,7 @@ def main() -> None:
                     "threads": torch.get_num_threads(), "processor": platform.processor()},
     }
     default_out = ("bench/results/seed_ensemble-dev-subject" + (f"-pretrain{tag[1:]}" if tag else "")
-                   + (f"-cal{args.epochs}ep" if args.epochs else "")
-                   + (f"-live{args.live_beta_fraction:g}" if args.live_beta_fraction is not None else "") + ".json")
+                   + calibration_tag + ".json")
     out = Path(args.out or default_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2, default=str) + "\n")

@@ -303,7 +303,9 @@ def test_live_training_betas_are_each_trials_own_live_releases(tmp_path, session
     config, world, root, _ = session
     train_rows = np.flatnonzero(~betas.is_test)
     mean, std = zscore_stats(betas.betas[train_rows])
-    live_z, live_rows = live_training_betas(config, betas, root, train_rows, mean, std, "sub-02")
+    bundle = SubjectBundle("sub-02", config, betas.mask.grid, betas.mask.affine, betas.reference, betas.signal_mean,
+                           mean, std, betas.hrf_index)
+    live_z, live_rows = live_training_betas(config, bundle, betas, root, train_rows)
     assert live_z.shape == (live_rows.size, betas.mask.n_voxels) and np.all(np.isfinite(live_z))
     trials_with_live = set(live_rows.tolist())
     assert trials_with_live <= set(range(train_rows.size)) and len(trials_with_live) > train_rows.size // 2
@@ -315,7 +317,7 @@ def test_live_training_betas_are_each_trials_own_live_releases(tmp_path, session
     late = config.model_copy(update={"training": config.training.model_copy(
         update={"live_beta_max_after_onset_s": 1.0})})
     with caplog.at_level(logging.WARNING, logger="rtdecoder.calibration.calibrate"):
-        none_z, none_rows = live_training_betas(late, betas, root, train_rows, mean, std, "sub-02")
+        none_z, none_rows = live_training_betas(late, bundle, betas, root, train_rows)
     assert none_z.shape == (0, betas.mask.n_voxels) and none_rows.size == 0
     assert "live_beta_max_after_onset_s = 1.0 s" in caplog.text and "final betas only" in caplog.text
 

@@ -400,17 +400,30 @@ def calibrate(
     z = (session.betas - beta_mean) / beta_std
     _, image_codes = np.unique(keys, return_inverse=True)
 
-    live_z = live_rows = None
+    # What the live session will use; the model, evaluation and metadata are filled in once known.
+    bundle = SubjectBundle(
+        subject_id=subject_id,
+        config=config,
+        mask=session.mask.grid,
+        affine=session.mask.affine,
+        reference=session.reference,
+        signal_mean=session.signal_mean,
+        beta_mean=beta_mean,
+        beta_std=beta_std,
+        hrf_index=session.hrf_index,
+        glmdenoise=session.glmdenoise,
+        embedding_name=embedding_name,
+    )
+    live: dict[str, torch.Tensor] = {}
     if config.training.live_beta_fraction > 0:
         live_started = time.perf_counter()
-        live_z, live_rows = live_training_betas(config, session, session_dir, train_rows, beta_mean, beta_std,
-                                                subject_id, select=select, progress=progress)
+        live_z, live_rows = live_training_betas(config, bundle, session, session_dir, train_rows, select=select,
+                                                progress=progress)
+        live = {"live_betas": torch.from_numpy(live_z), "live_rows": torch.from_numpy(live_rows)}
         seconds["live_betas"] = time.perf_counter() - live_started
     dataset = SubjectDataset(
         subject_id, torch.from_numpy(z[train_rows]), torch.from_numpy(tokens[train_rows]),
-        torch.from_numpy(image_codes[train_rows].astype(np.int64)),
-        live_betas=None if live_z is None else torch.from_numpy(live_z),
-        live_rows=None if live_rows is None else torch.from_numpy(live_rows),
+        torch.from_numpy(image_codes[train_rows].astype(np.int64)), **live,
     )
     train_started = time.perf_counter()
     if pretrained_dir is not None:
@@ -419,8 +432,8 @@ def calibrate(
     seconds["training"] = time.perf_counter() - train_started
 
     evaluation: dict[str, Any] = {"n_train_trials": int(train_rows.size)}
-    if live_rows is not None:
-        evaluation["n_live_training_betas"] = int(live_rows.size)
+    if live:
+        evaluation["n_live_training_betas"] = int(live["live_rows"].numel())
     if int((~has_image).sum()):
         evaluation["n_trials_without_image"] = int((~has_image).sum())
     if test_rows.size:
@@ -444,30 +457,17 @@ def calibrate(
         evaluation["note"] = "no test-image trials in the session; not evaluated"
     seconds["total"] = time.perf_counter() - started
 
-    bundle = SubjectBundle(
-        subject_id=subject_id,
-        config=config,
-        mask=session.mask.grid,
-        affine=session.mask.affine,
-        reference=session.reference,
-        signal_mean=session.signal_mean,
-        beta_mean=beta_mean,
-        beta_std=beta_std,
-        hrf_index=session.hrf_index,
-        glmdenoise=session.glmdenoise,
-        embedding_name=embedding_name,
-        evaluation=evaluation,
-        metadata={
-            "calibration_session": str(session_dir),
-            "calibration_runs": sorted(set(session.run_labels)),
-            "calibration_pretrained": str(pretrained_dir) if pretrained_dir is not None else None,
-            "calibration_seconds": {k: round(v, 1) for k, v in seconds.items()},
-            "calibration_tr_s": session.tr_s,
-            "calibration_mask": session.mask.provenance,
-            "calibration_reference": str(reference) if reference is not None else "middle volume of the first run",
-            "calibration_images": stimuli.source if stimuli is not None else "bank_tokens (rows by stim_index)",
-        },
-    )
+    bundle.evaluation = evaluation
+    bundle.metadata = {
+        "calibration_session": str(session_dir),
+        "calibration_runs": sorted(set(session.run_labels)),
+        "calibration_pretrained": str(pretrained_dir) if pretrained_dir is not None else None,
+        "calibration_seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "calibration_tr_s": session.tr_s,
+        "calibration_mask": session.mask.provenance,
+        "calibration_reference": str(reference) if reference is not None else "middle volume of the first run",
+        "calibration_images": stimuli.source if stimuli is not None else "bank_tokens (rows by stim_index)",
+    }
     bundle.save(out_dir, model=model)
     if selection is not None:
         selection.save_reliability(out_dir / RELIABILITY_FILE)
@@ -477,12 +477,10 @@ def calibrate(
 
 def live_training_betas(
     config: RTDecoderConfig,
+    bundle: SubjectBundle,
     session: SessionBetas,
     session_dir: str | Path,
     train_rows: np.ndarray,
-    beta_mean: np.ndarray,
-    beta_std: np.ndarray,
-    subject_id: str,
     select: dict[str, str] | None = None,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -490,24 +488,23 @@ def live_training_betas(
 
     A live session decodes each trial first from a beta released ``glm.beta_wait_s`` after its onset
     and then from refinements, which are noisier than the whole-run betas a model is trained on.
-    Here the session goes through the front end ``run`` would build from this calibration (its
-    reference, ``signal_mean``, HRFs and GLMdenoise components;
+    Here the session goes through the front end ``run`` would build from this calibration's bundle
+    (its reference, ``signal_mean``, HRFs and GLMdenoise components;
     :func:`rtdecoder.calibration.evaluate.replay_session`), and every first release and refinement
     of a training trial up to ``training.live_beta_max_after_onset_s`` after its onset is kept,
-    z-scored with the training betas' statistics, as the live decoder z-scores it.
+    z-scored with the bundle's ``beta_mean`` / ``beta_std``, as the live decoder z-scores it.
 
     Parameters
     ----------
     config : RTDecoderConfig
+    bundle : SubjectBundle
+        The calibration's bundle, model or not: its geometry and z-score statistics.
     session : SessionBetas
-        The session's offline betas (its geometry and trials).
+        The session's offline betas (its trials).
     session_dir : str or Path
         The same session's runs.
     train_rows : ndarray of int, shape (N,)
         The training trials (rows of ``session.betas``), in dataset order.
-    beta_mean, beta_std : ndarray of shape (n_voxels,)
-        The z-score statistics of the training betas.
-    subject_id : str
     select : dict of str to str, optional
         BIDS entity values the runs must have.
     progress : bool, default=False
@@ -522,11 +519,6 @@ def live_training_betas(
     from rtdecoder.calibration.evaluate import LiveBeta, replay_session
 
     row_of = {(session.run_labels[row], session.trials[row].trial_id): i for i, row in enumerate(train_rows)}
-    geometry = SubjectBundle(
-        subject_id=subject_id, config=config, mask=session.mask.grid, affine=session.mask.affine,
-        reference=session.reference, signal_mean=session.signal_mean, beta_mean=beta_mean, beta_std=beta_std,
-        hrf_index=session.hrf_index, glmdenoise=session.glmdenoise,
-    )
     kept: list[np.ndarray] = []
     rows: list[int] = []
     latest_s = config.training.live_beta_max_after_onset_s
@@ -535,10 +527,10 @@ def live_training_betas(
         row = row_of.get((beta.run, beta.trial_id))
         if (row is not None and beta.kind != "final" and beta.after_onset_s <= latest_s and beta.beta is not None
                 and np.all(np.isfinite(beta.beta))):
-            kept.append(((beta.beta - beta_mean) / beta_std).astype(np.float32))
+            kept.append(((beta.beta - bundle.beta_mean) / bundle.beta_std).astype(np.float32))
             rows.append(row)
 
-    replay_session(config, geometry, session_dir, take, select=select, progress=progress)
+    replay_session(config, bundle, session_dir, take, select=select, progress=progress)
     if not rows:
         # Training on the final betas alone is still a sound calibration: say so, and go on.
         logger.warning(
