@@ -20,6 +20,7 @@ from rtdecoder.calibration.evaluate import (
     LiveScorer,
     collect_stages,
     evaluate_session,
+    format_live_table,
     format_table,
     live_figures,
     pooled_retrieval,
@@ -343,4 +344,21 @@ def test_report_scores_the_journaled_betas(world, bundle_dir, tmp_path) -> None:
     expected = live_figures(collect_stages([LiveBeta.from_message(d, 1.6) for d in data]).stages(), scorer)
     assert figures["live"] == expected
     assert figures["live"]["slow"]["run"]["n_trials"] == 4 and figures["live"]["fast"]["test_set"]["n_trials"] == 2
-    assert "Live figures" in (tmp_path / "report.html").read_text()
+    page = (tmp_path / "report.html").read_text()
+    assert "Live figures" in page
+    test_set = figures["live"]["fast"]["test_set"]
+    assert f"image: {test_set['image_pool_size']} candidates, brain: {test_set['brain_pool_size']} images" in page
+
+
+def test_live_table_names_the_pool_of_each_direction() -> None:
+    """In the test set, image retrieval ranks among every test image and brain retrieval among the
+    test images with trials here: a table that gave one size for both read as if brain retrieval
+    (41.7% among 22 in a demo run) beat image retrieval (8.3% among 300) fivefold."""
+    scores = {"image_top1": 0.083, "image_top5": 0.25, "brain_top1": 0.417, "brain_top5": 0.79}
+    entry = {"n_trials": 62, "after_onset_s_median": 8.8,
+             "run": scores | {"pool_size_mean": 60.0},
+             "test_set": scores | {"n_trials": 24, "image_pool_size": 300, "brain_pool_size": 22}}
+    table = format_live_table({stage: entry for stage in ("fast", "slow", "end_of_run")})
+    header = table.splitlines()[1]
+    assert "among the run's images (~60.0)" in header
+    assert "image: 300 candidates, brain: 22 images with trials" in header

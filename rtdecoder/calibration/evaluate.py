@@ -833,14 +833,25 @@ def format_table(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_live_table(live: Mapping[str, Any]) -> str:
-    """The live figures as a table: one row per stage, image / brain top-1 and top-5 in each pool."""
-    run_pool = next((live[s]["run"] for s in STAGES if "run" in live.get(s, {}) and "pool_size_mean" in
-                     live[s]["run"]), {})
+def live_pool_labels(live: Mapping[str, Any]) -> tuple[str, str]:
+    """What each pool of :func:`live_figures` ranks among, as words: (run's images, test set).
+
+    In the test set the two directions rank among different pools: a trial's prediction among
+    every test image (image retrieval), a test image among the test images with trials at that
+    stage (brain retrieval, often far fewer), so the label names both sizes.
+    """
+    run_pool = next((live[s]["run"] for s in STAGES if "pool_size_mean" in live.get(s, {}).get("run", {})), {})
     test_pool = next((live[s]["test_set"] for s in STAGES if "image_pool_size" in live.get(s, {}).get("test_set", {})),
                      {})
     run_label = f"among the run's images (~{run_pool.get('pool_size_mean', '?')})"
-    test_label = f"among the test set ({test_pool.get('image_pool_size', '?')})"
+    test_label = (f"among the test set (image: {test_pool.get('image_pool_size', '?')} candidates, "
+                  f"brain: {test_pool.get('brain_pool_size', '?')} images with trials)")
+    return run_label, test_label
+
+
+def format_live_table(live: Mapping[str, Any]) -> str:
+    """The live figures as a table: one row per stage, image / brain top-1 and top-5 in each pool."""
+    run_label, test_label = live_pool_labels(live)
     lines = [
         "live figures, single trials (image top-1 / top-5, brain top-1 / top-5)",
         f"  {'stage':<11} {'after onset':>11} {'trials':>7}   {run_label:<36} {test_label}",

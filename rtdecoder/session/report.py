@@ -270,6 +270,8 @@ def _live_table(live: dict[str, Any] | None) -> str:
     """The live figures as an HTML table: a row per stage, image / brain top-1 and top-5 per pool."""
     if not live:
         return ""
+    from rtdecoder.calibration.evaluate import live_pool_labels
+
     keys = ("image_top1", "image_top5", "brain_top1", "brain_top5")
     head = "".join(f"<th>{pool} {k.replace('_', ' ')}</th>" for pool in ("run", "test set") for k in keys)
     rows = []
@@ -284,8 +286,7 @@ def _live_table(live: dict[str, Any] | None) -> str:
         )
         rows.append(f"<tr><td>{html.escape(stage)}</td><td>{entry['after_onset_s_median']:.1f} s</td>"
                     f"<td>{entry['n_trials']}</td>{cells}</tr>")
-    pools = next((f"run pools of {e['run'].get('pool_size_mean', '?')} images on average, test set of "
-                  f"{e['test_set'].get('image_pool_size', '?')}" for e in live.values() if e.get("n_trials")), "")
+    pools = "; ".join(live_pool_labels(live))
     return (f"<h2>Live figures (single trials; {html.escape(pools)})</h2><table><tr><th>stage</th>"
             f"<th>after onset</th><th>trials</th>{head}</tr>{''.join(rows)}</table>")
 
