@@ -187,6 +187,14 @@ def test_end_to_end_with_faults_every_result_arrives(tmp_path, rng) -> None:
     assert page.count("<img") >= 4 + len(trials)
 
 
+def test_report_cells_read_as_numbers_without_exponents() -> None:
+    from rtdecoder.session.report import _cell
+
+    # the demo's report had shown a decode p95 of 1,412 ms as "1.41e+03" and chance as "1.5e+03"
+    assert [_cell(v) for v in (1412.4485, 1500.5, 3000.0, 861.156, 21.3379, 0.000333, None, 62)] == \
+        ["1,412.4", "1,500.5", "3,000", "861", "21.3", "0.000333", "-", "62"]
+
+
 class _Holder:
     pass
 

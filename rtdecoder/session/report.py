@@ -263,7 +263,10 @@ def _img_tag_png(png: bytes | None) -> str:
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
-    return f"{value:.3g}" if isinstance(value, float) else html.escape(str(value))
+    if isinstance(value, float):
+        # three significant digits, but never exponent notation: a p95 of 1,412 ms, not 1.41e+03
+        return f"{value:,.1f}".removesuffix(".0") if abs(value) >= 1000 else f"{value:.3g}"
+    return html.escape(str(value))
 
 
 def _live_table(live: dict[str, Any] | None) -> str:
