@@ -187,12 +187,28 @@ def test_end_to_end_with_faults_every_result_arrives(tmp_path, rng) -> None:
     assert page.count("<img") >= 4 + len(trials)
 
 
-def test_report_cells_read_as_numbers_without_exponents() -> None:
-    from rtdecoder.session.report import _cell
+def test_report_figures_read_as_numbers_without_exponents() -> None:
+    from rtdecoder.session.report import format_figure
 
     # the demo's report had shown a decode p95 of 1,412 ms as "1.41e+03" and chance as "1.5e+03"
-    assert [_cell(v) for v in (1412.4485, 1500.5, 3000.0, 861.156, 21.3379, 0.000333, None, 62)] == \
+    assert [format_figure(v) for v in (1412.4485, 1500.5, 3000.0, 861.156, 21.3379, 0.000333, None, 62)] == \
         ["1,412.4", "1,500.5", "3,000", "861", "21.3", "0.000333", "-", "62"]
+
+
+def test_the_demos_printout_gives_the_live_figures_as_a_table() -> None:
+    from rtdecoder.session.report import format_figures
+
+    # the demo printed its live figures as one long Python dict, unrounded
+    scores = {"image_top1": 0.2097, "image_top5": 0.5323, "brain_top1": 0.2419, "brain_top5": 0.5323}
+    entry = {"n_trials": 62, "after_onset_s_median": 8.8, "run": scores | {"pool_size_mean": 60.0},
+             "test_set": scores | {"image_pool_size": 300, "brain_pool_size": 22}}
+    text = format_figures({"decode_latency_ms_p95": 1412.4485611915584, "volumes": 166,
+                           "live": {stage: entry for stage in ("fast", "slow", "end_of_run")}})
+    lines = text.splitlines()
+    assert lines[0].split() == ["decode_latency_ms_p95", "1,412.4"] and lines[1].split() == ["volumes", "166"]
+    assert lines[2].startswith("live figures, single trials")
+    assert [line.split()[0] for line in lines[4:]] == ["fast", "slow", "end_of_run"]
+    assert "21.0 /  53.2 /  24.2 /  53.2" in lines[4] and "{" not in text
 
 
 class _Holder:

@@ -222,6 +222,7 @@ def run_plans(args: argparse.Namespace) -> list:
 def _demo(args: argparse.Namespace) -> int:
     from rtdecoder.config import load_config
     from rtdecoder.session.demo import run_demo
+    from rtdecoder.session.report import format_figures
 
     if args.speed <= 0:
         raise ConfigError(f"--speed: expected a positive factor (got {args.speed})")
@@ -233,6 +234,5 @@ def _demo(args: argparse.Namespace) -> int:
                        calibration_runs=args.calibration_runs, pretrain_sessions=args.pretrain_sessions,
                        pretrain_epochs=args.pretrain_epochs,
                        calibration_epochs=args.calibration_epochs, view=args.view)
-    for key, value in figures.items():
-        print(f"{key:36s} {value}")
+    print(format_figures(figures))
     return 0 if figures["messages_missing_at_subscriber"] == 0 else 1

@@ -53,8 +53,8 @@ def run_demo(
         Pretraining epochs for the demo (``None``: ``training.pretrain_epochs``). The demo's
         pretrained model is a quick one; ``bench/bench_calibration.py`` measures the full recipe.
     calibration_epochs : int or None, default=20
-        Calibration epochs of each fine-tune (``None``: ``training.epochs``): half the phantom
-        preset's 40, so that the demo's three fine-tunes take minutes, not a quarter of an hour.
+        Calibration epochs of each fine-tune (``None``: ``training.epochs``, 150 in the phantom
+        preset): few, so that the demo's three fine-tunes take minutes, not most of an hour.
     view : bool, default=False
         Serve the operator's live view (:mod:`rtdecoder.view`, at ``view.host:view.port``) while
         the live run is scanned, with the stimulus bank's thumbnails; its URL is in the figures.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -260,13 +260,28 @@ def _img_tag_png(png: bytes | None) -> str:
     return f'<img width="128" height="128" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def _cell(value: Any) -> str:
+def format_figure(value: Any) -> str:
+    """One figure as text: floats to three significant digits, never in exponent notation."""
     if value is None:
         return "-"
     if isinstance(value, float):
-        # three significant digits, but never exponent notation: a p95 of 1,412 ms, not 1.41e+03
+        # a p95 of 1,412 ms, not 1.41e+03
         return f"{value:,.1f}".removesuffix(".0") if abs(value) >= 1000 else f"{value:.3g}"
-    return html.escape(str(value))
+    return str(value)
+
+
+def format_figures(figures: Mapping[str, Any]) -> str:
+    """The figures of :func:`write_report` as text, one per line, then the live table."""
+    from rtdecoder.calibration.evaluate import format_live_table
+
+    lines = [f"{key:36s} {format_figure(value)}" for key, value in figures.items() if key != "live"]
+    if figures.get("live"):
+        lines.append(format_live_table(figures["live"]))
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    return html.escape(format_figure(value))
 
 
 def _live_table(live: dict[str, Any] | None) -> str:
