@@ -36,7 +36,7 @@ def main() -> None:
     from rtdecoder.bundle import SubjectBundle
     from rtdecoder.calibration.dataset import read_subject_betas
     from rtdecoder.decode.image_metrics import reconstruction_metrics, two_way_identification
-    from rtdecoder.decode.metrics import mean_over_repeats
+    from rtdecoder.decode.metrics import mean_over_repeats, retrieval_top1
     from rtdecoder.embedding.base import make_embedder
     from rtdecoder.phantom.distill import load_or_distill_phantom_student
     from rtdecoder.phantom.world import PhantomWorld
@@ -60,12 +60,11 @@ def main() -> None:
     result: dict = {"bundle": str(args.bundle), "n_test_images": len(stim_ids),
                     "prior_sample_steps": config.model.prior_sample_steps, "tokens": {}, "images": {}}
     for name, predicted in tokens.items():
-        p = torch.nn.functional.normalize(predicted.flatten(1), dim=1)
-        t = torch.nn.functional.normalize(true.flatten(1), dim=1)
         result["tokens"][name] = {
-            "top1": float(((p @ t.T).argmax(1) == torch.arange(len(t))).float().mean()),
+            "top1": retrieval_top1(predicted, true, pool_size=len(true)).image,  # one pool: all test images
             "two_way": two_way_identification(true.flatten(1).numpy(), predicted.flatten(1).numpy()),
-            "cosine_to_true_mean": float((p * t).sum(1).mean()),
+            "cosine_to_true_mean": float(torch.nn.functional.cosine_similarity(predicted.flatten(1),
+                                                                               true.flatten(1)).mean()),
         }
 
     generator = load_or_distill_phantom_student(config)

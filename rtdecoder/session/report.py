@@ -280,10 +280,6 @@ def format_figures(figures: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _cell(value: Any) -> str:
-    return html.escape(format_figure(value))
-
-
 def _live_table(live: dict[str, Any] | None) -> str:
     """The live figures as an HTML table: a row per stage, image / brain top-1 and top-5 per pool."""
     if not live:
@@ -310,8 +306,8 @@ def _live_table(live: dict[str, Any] | None) -> str:
 
 
 def _page(run: str, figures: dict[str, Any], plots: list[tuple[str, str]], gallery: list[tuple]) -> str:
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_cell(v)}</td></tr>" for k, v in figures.items()
-                   if k != "live")
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(format_figure(v))}</td></tr>"
+                   for k, v in figures.items() if k != "live")
     plot_html = "".join(
         f'<h3>{html.escape(t)}</h3><img src="data:image/png;base64,{data}">' for t, data in plots
     )
