@@ -141,7 +141,7 @@ def _bundle(args: argparse.Namespace):
 
 def _pretrained(args: argparse.Namespace):
     """The same for a pretraining subject: its simulated test-image trials, z-scored as pretraining does."""
-    from rtdecoder.calibration.dataset import zscore_per_session
+    from rtdecoder.calibration.dataset import test_trial_betas
     from rtdecoder.calibration.pretrain import subject_index
     from rtdecoder.config import load_config
     from rtdecoder.decode.metrics import mean_over_repeats
@@ -154,11 +154,7 @@ def _pretrained(args: argparse.Namespace):
     if args.subject not in model.adapters:
         raise SystemExit(f"{args.pretrained}: --subject: no adapter for {args.subject!r}; have {list(model.adapters)}")
     subject = world.pretraining_source([subject_index(args.subject, world.n_subjects)]).load(progress=False)
-    betas = subject.subjects[args.subject]
-    finite = np.isfinite(betas.betas).all(axis=1)
-    z = zscore_per_session(betas.betas, betas.session, finite & ~betas.is_test, args.subject)
-    test = finite & betas.is_test
-    stim_ids, z_test = mean_over_repeats(z[test], betas.stim_id[test])
+    stim_ids, z_test = mean_over_repeats(*test_trial_betas(subject.subjects[args.subject]))
     return config, world, model, args.subject, stim_ids, z_test
 
 

@@ -258,3 +258,14 @@ def test_pretrain_takes_either_data_or_a_world(tmp_path, rng) -> None:
         BetasDataset({"sub-01": subject})
     dataset = BetasDataset({"sub-01": subject}, ImageTokens(["img00"], np.zeros((1, 2, 3)), "", "memory"))
     assert dataset.fingerprint() == BetasDataset({"sub-01": subject}, dataset.embeddings).fingerprint()
+
+
+def test_test_trial_betas_are_z_scored_with_their_sessions_training_trials() -> None:
+    from rtdecoder.calibration.dataset import SubjectBetas, test_trial_betas
+
+    betas = np.array([[1.0], [3.0], [5.0], [np.nan], [10.0], [30.0], [50.0]])
+    subject = SubjectBetas("sub-01", betas, ["a", "b", "t1", "t2", "c", "d", "t1"], [1, 1, 1, 1, 2, 2, 2],
+                           ["1"] * 7, [False, False, True, True, False, False, True])
+    z, stim_id = test_trial_betas(subject)
+    # session 1's training trials have mean 2 and std 1, session 2's mean 20 and std 10; the NaN trial is left out
+    assert z.ravel().tolist() == [3.0, 3.0] and stim_id.tolist() == ["t1", "t1"]

@@ -543,6 +543,21 @@ def training_betas(subject: SubjectBetas) -> TrainingBetas:
     )
 
 
+def test_trial_betas(subject: SubjectBetas) -> tuple[np.ndarray, np.ndarray]:
+    """A subject's test-image trials with finite betas, z-scored as :func:`training_betas` z-scores its
+    training trials (per session, with that session's training statistics), not averaged.
+
+    Returns
+    -------
+    betas : ndarray of shape (n_test, n_voxels), float32
+    stim_id : ndarray of shape (n_test,), str
+    """
+    finite = np.isfinite(subject.betas).all(axis=1)
+    z = zscore_per_session(subject.betas, subject.session, finite & ~subject.is_test, subject.source)
+    test = finite & subject.is_test
+    return z[test], subject.stim_id[test]
+
+
 def stimulus_embeddings(
     dataset: BetasDataset, config: RTDecoderConfig, stim_ids: Sequence[str], progress: bool = True
 ) -> ImageTokens:

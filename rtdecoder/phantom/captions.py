@@ -498,7 +498,7 @@ def decoded_test_tokens(config: RTDecoderConfig, work_dir: Path, subject: int, p
         Trials used and seconds taken.
     """
     from rtdecoder.calibration.calibrate import average_repeats
-    from rtdecoder.calibration.dataset import zscore_per_session
+    from rtdecoder.calibration.dataset import test_trial_betas
     from rtdecoder.calibration.pretrain import pretrain, subject_id
     from rtdecoder.decode.engine import sample_prior
     from rtdecoder.decode.model import MindEye2
@@ -511,17 +511,15 @@ def decoded_test_tokens(config: RTDecoderConfig, work_dir: Path, subject: int, p
     model_dir = pretrain(config, work_dir / f"model-{sid}", subjects=[subject], world=world, progress=progress)
     train_s = time.perf_counter() - started
     data = world.pretraining_source([subject]).load(progress=progress).subjects[sid]
-    finite = np.isfinite(data.betas).all(axis=1)
-    z = zscore_per_session(data.betas, data.session, finite & ~data.is_test, data.source)
-    test = finite & data.is_test
-    stim_ids, mean_betas = average_repeats(z[test], data.stim_id[test])
+    test_betas, test_stim_ids = test_trial_betas(data)
+    stim_ids, mean_betas = average_repeats(test_betas, test_stim_ids)
     engine = TorchEngine(MindEye2.from_pretrained(model_dir), sid)
     with torch.no_grad():
         encoded = engine.encode(torch.from_numpy(mean_betas.astype(np.float32)))
         tokens = sample_prior(engine, encoded.backbone_tokens, config.model.prior_sample_steps,
                               eta=config.model.prior_sample_eta, seed=0)
     index = np.array([world.bank.index_of(s) for s in stim_ids], dtype=np.int64)
-    record = {"subject": sid, "n_test_trials": int(test.sum()), "n_images": len(stim_ids),
+    record = {"subject": sid, "n_test_trials": len(test_betas), "n_images": len(stim_ids),
               "model_s": round(train_s, 1), "total_s": round(time.perf_counter() - started, 1)}
     return index, tokens.float().cpu().numpy(), record
 
