@@ -54,6 +54,11 @@ the ``_seed_ensemble`` rows score the bundle of the N models decoded together
 ``training.ensemble_size`` N (the phantom preset's 3), its members being exactly these
 calibrations. ``--live`` then measures both bundle (a) of the first seed and the ensemble.
 
+``--reuse-bundles`` scores the (a) and (b) bundles already in ``--work`` whose saved
+``config.json`` is this run's config, seed included, instead of calibrating them again (a run
+with more seeds then trains only the new ones; their rows carry ``"reused": true`` and no
+training seconds). The pretrained model and the sessions' volumes are cached either way.
+
 Also measured: pretraining seconds per epoch, calibration seconds (betas, training) and the peak
 resident memory of the process (``resource.getrusage``). Prints a table and writes
 ``bench/results/calibration.json``. Sizes can be reduced for a quick run (``--runs``,
@@ -127,6 +132,9 @@ def main() -> None:
                         help="(a) with GLMdenoise, + fractional ridge, and with --mask auto (first seed each)")
     parser.add_argument("--ceiling", action="store_true",
                         help="also (c) on the simulation's true betas: this world's ceiling for the ridge")
+    parser.add_argument("--reuse-bundles", action="store_true",
+                        help="score (a) and (b) bundles already in --work whose config.json is this run's config "
+                        "instead of calibrating them again (the pretrained model and sessions are cached anyway)")
     parser.add_argument("--out", help="JSON (default bench/results/calibration.json; with --live-only "
                         "bench/results/calibration-live.json)")
     args = parser.parse_args()
@@ -184,6 +192,10 @@ def main() -> None:
         for seed in seeds:
             seeded = single_model(config, seed)
             bundle_dir = work / f"bundle-{name[0]}" if seed == seeds[0] else work / f"bundle-{name[0]}-seed{seed}"
+            if args.reuse_bundles and saved_with(bundle_dir, seeded):
+                logger.info("reusing %s: saved with this config", bundle_dir)
+                per_seed.append(evaluate_bundle(bundle_dir, sid, test_z, test_tokens) | {"seed": seed, "reused": True})
+                continue
             started = time.perf_counter()
             report = calibrate(seeded, session_dirs[0], bundle_dir, sid, mask, pretrained_dir=pretrained,
                                session=session, images=tokens)
@@ -231,7 +243,8 @@ def main() -> None:
         "overrides": overrides,
         "calibration_runs": len(runs),
         "pretrain_and_d_runs_per_session": len(runs_arg) if runs_arg else exp.runs_per_session,
-        "calibration_train_trials": report.n_train_trials,
+        "calibration_train_trials": results["a_pretrained_1_session"]["per_seed"][0]["in_session_held_out"][
+            "n_train_trials"],
         "seeds": seeds,
         "pretrain": record,
         "n_test_images": int(len(test_z)),
@@ -429,12 +442,21 @@ def evaluate_bundle(bundle_dir: Path, sid: str, test_z, test_tokens, report=None
     """Retrieval of a saved bundle on the averaged test betas, with its in-session evaluation (given ``report``)."""
     from rtdecoder.bundle import SubjectBundle
 
-    model = SubjectBundle.load(bundle_dir).load_model()
-    result = scored(predict_clip_tokens(model, sid, test_z), test_tokens)
+    bundle = SubjectBundle.load(bundle_dir)
+    result = scored(predict_clip_tokens(bundle.load_model(), sid, test_z), test_tokens)
+    result["in_session_held_out"] = bundle.evaluation
     if report is not None:
-        result["in_session_held_out"] = report.evaluation
         result["seconds"] = {k: round(v, 1) for k, v in report.seconds.items()}
     return result
+
+
+def saved_with(bundle_dir: Path, config) -> bool:
+    """Whether ``bundle_dir`` holds a bundle calibrated with exactly ``config`` (its saved config.json)."""
+    from rtdecoder.bundle import SubjectBundle
+
+    if not (bundle_dir / "config.json").is_file():
+        return False
+    return SubjectBundle.load(bundle_dir).config.model_dump(mode="json") == config.model_dump(mode="json")
 
 
 def ensemble_bundle(bundle_dirs: list[Path], out_dir: Path) -> Path:
