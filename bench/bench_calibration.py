@@ -439,7 +439,8 @@ def scored(predicted: np.ndarray, test_tokens: np.ndarray) -> dict:
 
 
 def evaluate_bundle(bundle_dir: Path, sid: str, test_z, test_tokens, report=None) -> dict:
-    """Retrieval of a saved bundle on the averaged test betas, with its in-session evaluation (given ``report``)."""
+    """Retrieval of a saved bundle on the averaged test betas, with its in-session evaluation (its
+    ``evaluation.json``) and, given the calibration's ``report``, its seconds."""
     from rtdecoder.bundle import SubjectBundle
 
     bundle = SubjectBundle.load(bundle_dir)
@@ -453,10 +454,16 @@ def evaluate_bundle(bundle_dir: Path, sid: str, test_z, test_tokens, report=None
 def saved_with(bundle_dir: Path, config) -> bool:
     """Whether ``bundle_dir`` holds a bundle calibrated with exactly ``config`` (its saved config.json)."""
     from rtdecoder.bundle import SubjectBundle
+    from rtdecoder.errors import BundleError
 
     if not (bundle_dir / "config.json").is_file():
         return False
-    return SubjectBundle.load(bundle_dir).config.model_dump(mode="json") == config.model_dump(mode="json")
+    try:
+        saved = SubjectBundle.load(bundle_dir).config
+    except BundleError as error:  # an interrupted or damaged bundle is calibrated again
+        logger.info("not reusing %s: %s", bundle_dir, error)
+        return False
+    return saved.model_dump(mode="json") == config.model_dump(mode="json")
 
 
 def ensemble_bundle(bundle_dirs: list[Path], out_dir: Path) -> Path:
