@@ -28,7 +28,8 @@ of the GLM: the canonical HRF; the HRF library chosen by single-trial R^2 (the r
 steps, every session's betas estimated the same way: (a) + GLMdenoise; (a) + GLMdenoise +
 fractional ridge; and (a) with the automatic mask (``calibrate --mask auto``: the
 ``voxel_selection.n_voxels`` most reliable voxels of the EPI brain mask, no phantom mask), whose
-test betas are estimated on the bundle's mask.
+test betas are estimated on the bundle's mask. Names after it measure only those rows
+(``--variants a_auto_mask``).
 
 ``--ceiling`` adds (c) trained and scored on the simulation's true response amplitudes instead of
 the measured betas (no scanner noise, motion or GLM; the brain's own trial-to-trial variability
@@ -128,8 +129,9 @@ def main() -> None:
     parser.add_argument("--live-only", action="store_true", help="(a) and its live figures only: no (b), (c), (d)")
     parser.add_argument("--steps", action="store_true",
                         help="the betas' correlation with the truth for each GLM step on the calibration session")
-    parser.add_argument("--variants", action="store_true",
-                        help="(a) with GLMdenoise, + fractional ridge, and with --mask auto (first seed each)")
+    parser.add_argument("--variants", nargs="*", choices=list(VARIANTS),
+                        help="(a) with GLMdenoise, + fractional ridge, and with --mask auto (first seed each); "
+                        "names: only those rows")
     parser.add_argument("--ceiling", action="store_true",
                         help="also (c) on the simulation's true betas: this world's ceiling for the ridge")
     parser.add_argument("--reuse-bundles", action="store_true",
@@ -224,9 +226,10 @@ def main() -> None:
         started = time.perf_counter()
         steps = beta_steps(config, world, session_dirs[0], runs, mask)
         seconds["steps"] = time.perf_counter() - started
-    if args.variants and not args.live_only:
+    if args.variants is not None and not args.live_only:
         started = time.perf_counter()
-        results.update(variants(config, session_dirs, mask, model_dir, work, sid, tokens, seeds[0]))
+        results.update(variants(config, session_dirs, mask, model_dir, work, sid, tokens, seeds[0],
+                                args.variants or list(VARIANTS)))
         seconds["variants"] = time.perf_counter() - started
     live = None
     if (args.live or args.live_only) and n_sessions > 1:
@@ -308,15 +311,20 @@ def _column_r(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=0) / np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
 
 
+#: The rows of ``--variants``: name -> the GLM step of :data:`BETA_STEPS` (None: the preset's GLM, automatic mask).
+VARIANTS = {"a_plus_glmdenoise": "plus_glmdenoise", "a_plus_glmdenoise_fracridge": "plus_fracridge",
+            "a_auto_mask": None}
+
+
 def variants(config, session_dirs: list[Path], mask: np.ndarray, model_dir: Path, work: Path, sid: str,
-             tokens: ImageTokens, seed: int) -> dict:
-    """(a) with the betas of later GLM steps, and with the automatic mask; one seed each."""
+             tokens: ImageTokens, seed: int, names: list[str]) -> dict:
+    """(a) with the betas of later GLM steps, and with the automatic mask; one seed each; the rows ``names``."""
     from rtdecoder.calibration.voxel_selection import select_reliable_voxels
 
     seeded = single_model(config, seed)
     out = {}
-    for name, step in (("a_plus_glmdenoise", "plus_glmdenoise"), ("a_plus_glmdenoise_fracridge", "plus_fracridge"),
-                       ("a_auto_mask", None)):
+    for name in names:
+        step = VARIANTS[name]
         started = time.perf_counter()
         variant = _with_glm(seeded, BETA_STEPS[step]) if step else seeded
         bundle_dir = work / f"bundle-{name}"
