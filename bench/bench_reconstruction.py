@@ -71,15 +71,16 @@ def main() -> None:
                      config.model.prior_sample_eta)
 
     def sample(brain: torch.Tensor, scale: float) -> torch.Tensor:
-        def denoise(noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        if scale == 1.0:  # the plain sample, as the runtime draws it
+            return prior.sample(brain, config.model.prior_sample_steps, config.model.prior_sample_eta, generator)
+
+        def guided(noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
             x0 = prior.denoise(noisy, t, cond)
-            if scale == 1.0:
-                return x0
             null = prior.denoise(noisy, t, cond, torch.zeros(len(cond), dtype=torch.bool))
             return null + scale * (x0 - null)
 
-        generator = torch.Generator().manual_seed(0)
-        return ddim_sample(denoise, brain, plan, config.model.prior_sample_eta,
+        return ddim_sample(guided, brain, plan, config.model.prior_sample_eta,
                            lambda shape: torch.randn(shape, generator=generator))
 
     with torch.no_grad():
