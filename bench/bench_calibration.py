@@ -60,6 +60,12 @@ calibrations. ``--live`` then measures both bundle (a) of the first seed and the
 with more seeds then trains only the new ones; their rows carry ``"reused": true`` and no
 training seconds). The pretrained model and the sessions' volumes are cached either way.
 
+Retrieval ranks as the live decoder ranks (``candidates.hubness_k`` above 0: CSLS against the
+bundle's hubness reference, :mod:`rtdecoder.decode.hubness`); the rows of (a), (b) and the variants
+carry the same models' plain-cosine figures beside them (``cosine`` in the JSON, "(plain cosine)"
+in the table), and ``--live`` then adds (a)'s live figures ranked by plain cosine
+(``a_first_seed_cosine``). The ridge (c) is scored by plain cosine.
+
 Also measured: pretraining seconds per epoch, calibration seconds (betas, training) and the peak
 resident memory of the process (``resource.getrusage``). Prints a table and writes
 ``bench/results/calibration.json``. Sizes can be reduced for a quick run (``--runs``,
@@ -196,19 +202,21 @@ def main() -> None:
             bundle_dir = work / f"bundle-{name[0]}" if seed == seeds[0] else work / f"bundle-{name[0]}-seed{seed}"
             if args.reuse_bundles and saved_with(bundle_dir, seeded):
                 logger.info("reusing %s: saved with this config", bundle_dir)
-                per_seed.append(evaluate_bundle(bundle_dir, sid, test_z, test_tokens) | {"seed": seed, "reused": True})
+                per_seed.append(evaluate_bundle(bundle_dir, sid, test_z, test_tokens, image_tokens=tokens)
+                                | {"seed": seed, "reused": True})
                 continue
             started = time.perf_counter()
             report = calibrate(seeded, session_dirs[0], bundle_dir, sid, mask, pretrained_dir=pretrained,
                                session=session, images=tokens)
             seconds[f"calibration_training_{name[0]}_seed{seed}"] = time.perf_counter() - started
-            per_seed.append(evaluate_bundle(bundle_dir, sid, test_z, test_tokens, report) | {"seed": seed})
+            per_seed.append(evaluate_bundle(bundle_dir, sid, test_z, test_tokens, report, image_tokens=tokens)
+                            | {"seed": seed})
         results[name] = _mean_over_seeds(per_seed)
         if len(seeds) > 1:
             bundle_dirs = [work / f"bundle-{name[0]}"] + [work / f"bundle-{name[0]}-seed{s}" for s in seeds[1:]]
             ensemble_dir = ensemble_bundle(bundle_dirs, work / f"bundle-{name[0]}-ensemble")
-            results[f"{name}_seed_ensemble"] = evaluate_bundle(ensemble_dir, sid, test_z, test_tokens) | {
-                "n_models": len(bundle_dirs)}
+            results[f"{name}_seed_ensemble"] = evaluate_bundle(ensemble_dir, sid, test_z, test_tokens,
+                                                               image_tokens=tokens) | {"n_models": len(bundle_dirs)}
     if not args.live_only:
         started = time.perf_counter()
         results["c_ridge_1_session"] = _ridge(session, tokens, test_z, test_tokens)
@@ -235,6 +243,10 @@ def main() -> None:
     if (args.live or args.live_only) and n_sessions > 1:
         started = time.perf_counter()
         live = {"a_first_seed": live_evaluation(config, work / "bundle-a", session_dirs[1], sessions[1], tokens)}
+        if config.candidates.hubness_k:  # the same bundle ranked by plain cosine
+            live["a_first_seed_cosine"] = live_evaluation(
+                config.model_copy(update={"candidates": config.candidates.model_copy(update={"hubness_k": 0})}),
+                work / "bundle-a", session_dirs[1], sessions[1], tokens)
         if (work / "bundle-a-ensemble").is_dir() and len(seeds) > 1:
             live["a_seed_ensemble"] = live_evaluation(config, work / "bundle-a-ensemble", session_dirs[1], sessions[1],
                                                       tokens)
@@ -336,7 +348,8 @@ def variants(config, session_dirs: list[Path], mask: np.ndarray, model_dir: Path
         report = calibrate(variant, session_dirs[0], bundle_dir, sid, variant_mask, pretrained_dir=model_dir,
                            session=sessions[0], images=tokens)
         test_z, test_tokens = test_set(sessions, tokens)
-        out[name] = _mean_over_seeds([evaluate_bundle(bundle_dir, sid, test_z, test_tokens, report) | {"seed": seed}])
+        scores = evaluate_bundle(bundle_dir, sid, test_z, test_tokens, report, image_tokens=tokens)
+        out[name] = _mean_over_seeds([scores | {"seed": seed}])
         out[name]["seconds"] = round(time.perf_counter() - started, 1)
         if overlap is not None:
             out[name]["share_of_voxels_in_the_phantom_visual_mask"] = round(overlap, 3)
@@ -437,22 +450,32 @@ def single_model(config, seed: int):
                                                                                      "ensemble_size": 1})})
 
 
-def scored(predicted: np.ndarray, test_tokens: np.ndarray) -> dict:
+def scored(predicted: np.ndarray, test_tokens: np.ndarray, hubness=None) -> dict:
     """Retrieval among 300 (:func:`retrieval_evaluation`), with the figures among 100 in ``among_100``:
-    the pool size of the NSD-like world's figures and of the goal they are held to."""
-    result = retrieval_evaluation(predicted, test_tokens)
-    among_100 = retrieval_evaluation(predicted, test_tokens, pool_size=100)
+    the pool size of the NSD-like world's figures and of the goal they are held to. With a hubness
+    reference the figures are CSLS (as the live decoder ranks) and the plain-cosine ones are in ``cosine``."""
+    result = retrieval_evaluation(predicted, test_tokens, hubness=hubness)
+    among_100 = retrieval_evaluation(predicted, test_tokens, pool_size=100, hubness=hubness)
     result["among_100"] = {key: among_100[key] for key in ("image_top1", "brain_top1", "pool_size", "n_pools")}
+    if hubness is not None:
+        result["cosine"] = scored(predicted, test_tokens)
     return result
 
 
-def evaluate_bundle(bundle_dir: Path, sid: str, test_z, test_tokens, report=None) -> dict:
+def evaluate_bundle(bundle_dir: Path, sid: str, test_z, test_tokens, report=None,
+                    image_tokens: ImageTokens | None = None) -> dict:
     """Retrieval of a saved bundle on the averaged test betas, with its in-session evaluation (its
-    ``evaluation.json``) and, given the calibration's ``report``, its seconds."""
+    ``evaluation.json``) and, given the calibration's ``report``, its seconds; ranked as the bundle's
+    ``candidates.hubness_k`` says (CSLS, with the plain-cosine figures beside them, or plain cosine);
+    ``image_tokens`` (by stim_id) give the query side's reference images, for brain retrieval."""
     from rtdecoder.bundle import SubjectBundle
+    from rtdecoder.calibration.hubness_reference import bundle_hubness_reference
 
     bundle = SubjectBundle.load(bundle_dir)
-    result = scored(predict_clip_tokens(bundle.load_model(), sid, test_z), test_tokens)
+    model = bundle.load_model()
+    # the phantom bank's tokens by stim_id: the calibration's training images among them are the query side
+    hubness = bundle_hubness_reference(bundle, model, bundle.config.candidates.hubness_k, image_tokens)
+    result = scored(predict_clip_tokens(model, sid, test_z), test_tokens, hubness)
     result["in_session_held_out"] = bundle.evaluation
     if report is not None:
         result["seconds"] = {k: round(v, 1) for k, v in report.seconds.items()}
@@ -503,7 +526,10 @@ def seed_means(per_seed: list[dict]) -> dict:
     def mean(rows: list[dict]) -> dict:
         return {key: round(float(np.mean([r[key] for r in rows])), 4) for key in ("image_top1", "brain_top1")}
 
-    return mean(per_seed) | {"among_100": mean([r["among_100"] for r in per_seed])}
+    means = mean(per_seed) | {"among_100": mean([r["among_100"] for r in per_seed])}
+    if all("cosine" in r for r in per_seed):  # CSLS rows: the plain-cosine figures of the same models
+        means["cosine"] = seed_means([r["cosine"] for r in per_seed])
+    return means
 
 
 def _mean_over_seeds(per_seed: list[dict]) -> dict:
@@ -580,6 +606,10 @@ def _print_table(payload: dict) -> None:
         beside = percent_pair(among_100) if among_100 else ""
         print(f"{name:<30} {100 * result['image_top1']:>11.1f}% {100 * result['brain_top1']:>11.1f}% "
               f"{result['pool_size']:>6} {beside:>12}{spread}")
+        if "cosine" in result:  # ranked by CSLS above; the same predictions by plain cosine
+            cosine = result["cosine"]
+            print(f"{'  (plain cosine)':<30} {100 * cosine['image_top1']:>11.1f}% {100 * cosine['brain_top1']:>11.1f}% "
+                  f"{result['pool_size']:>6} {percent_pair(cosine['among_100']):>12}")
     steps = payload.get("beta_steps")
     if steps:
         print("\ncalibration session betas against the truth (median over voxels of the correlation over trials)")

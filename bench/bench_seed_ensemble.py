@@ -109,7 +109,7 @@ def main() -> None:
         bundle_dir = work / f"bundle-dev{bundle_tag}-seed{seed}"
         report = calibrate(seeded, session_dirs[0], bundle_dir, sid, mask, pretrained_dir=model_dir,
                            session=sessions[0], images=tokens, progress=False)
-        scores = evaluate_bundle(bundle_dir, sid, test_z, test_tokens, report)
+        scores = evaluate_bundle(bundle_dir, sid, test_z, test_tokens, report, image_tokens=tokens)
         scores.update(seed=seed, seconds=round(time.perf_counter() - started, 1))
         per_seed.append(scores)
         bundle_dirs.append(bundle_dir)
@@ -117,13 +117,14 @@ def main() -> None:
     ensemble_dir, ensemble = None, {}
     if len(bundle_dirs) > 1:  # one seed: no ensemble to score
         ensemble_dir = ensemble_bundle(bundle_dirs, work / f"bundle-dev{bundle_tag}-ensemble")
-        ensemble = evaluate_bundle(ensemble_dir, sid, test_z, test_tokens) | {"n_models": len(bundle_dirs)}
+        ensemble = evaluate_bundle(ensemble_dir, sid, test_z, test_tokens, image_tokens=tokens) | {
+            "n_models": len(bundle_dirs)}
     by_size = {}
     for size in sorted({int(n) for n in args.sizes.split(",") if n.strip()}):
         if not 2 <= size <= len(bundle_dirs):
             raise SystemExit(f"--sizes: {size} is not between 2 and --seeds {len(bundle_dirs)}")
         folder = ensemble_bundle(bundle_dirs[:size], work / f"bundle-dev{bundle_tag}-ensemble-{size}")
-        by_size[size] = evaluate_bundle(folder, sid, test_z, test_tokens)
+        by_size[size] = evaluate_bundle(folder, sid, test_z, test_tokens, image_tokens=tokens)
     live = {}
     if args.live:
         for name, bundle_dir in (("first_seed", bundle_dirs[0]), ("seed_ensemble", ensemble_dir)):

@@ -14,6 +14,9 @@ Layout (written by :meth:`SubjectBundle.save`, checked by :meth:`SubjectBundle.l
       model-1/, model-2/  with ``training.ensemble_size`` N > 1: the calibrations of seeds 1..N-1 more,
                           decoded together with model/ (rtdecoder.decode.ensemble); metadata n_models
       evaluation.json     held-out retrieval (optional)
+      betas/              the calibration session's betas (betas.nii.gz, trials.tsv, mask.nii.gz;
+                          rtdecoder.calibration.betas.save_betas): the live decoder's hubness
+                          reference is rebuilt from them (rtdecoder.calibration.hubness_reference)
       engines/            inference engines built from model/ (optional; see rtdecoder.engines.store)
         onnxruntime-<key>/  encoder.onnx, denoiser.onnx, engine.json
         tensorrt-<key>/     the same plus encoder.plan, denoiser.plan

@@ -11,6 +11,7 @@ nothing here depends on the simulator.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from rtdecoder.bundle import SubjectBundle
@@ -46,7 +47,8 @@ def build_live_decoder(
         prior's sampling; ``generator.lowlevel_weight`` the share of the low-level image in each
         reconstruction when the bundle's model has the low-level head.
     candidates : CandidateBank
-        Retrieval candidates, embedded with the bundle's embedder.
+        Retrieval candidates, embedded with the bundle's embedder; ranked by CSLS against the bundle's
+        hubness reference when ``candidates.hubness_k`` is above 0 (:mod:`rtdecoder.decode.hubness`).
     generator : Generator or None
         Tokens -> images; ``None`` disables reconstruction.
     generator_steps : int, optional
@@ -79,6 +81,13 @@ def build_live_decoder(
             f"the model of {bundle.subject_id} predicts {(model.config.n_tokens, model.config.token_dim)}; fit a "
             "caption map from the bundle's embedder (python -m rtdecoder.decode.caption fit-map)"
         )
+    from rtdecoder.calibration.hubness_reference import bundle_hubness_reference
+
+    started = time.perf_counter()
+    candidates.correct_hubness(bundle_hubness_reference(bundle, model, config.candidates.hubness_k))
+    if candidates.hubness_penalty is not None:
+        logger.info("retrieval: CSLS hubness correction, k = %d, over %d candidates (%.1f s)",
+                    config.candidates.hubness_k, len(candidates), time.perf_counter() - started)
     # The bundle's model, not the run's model section, says whether the encoder gives a low-level output.
     lowlevel_weight = config.generator.lowlevel_weight if model.config.lowlevel and generator is not None else 0.0
     lowlevel_vae = lowlevel_vae_for(generator, model.config.lowlevel_channels) if lowlevel_weight > 0 else None

@@ -136,6 +136,13 @@ class CandidatesConfig(Section):
         "ids (JSON list) and embedder (the embedder's name); see rtdecoder/embedding/cache.py",
     )
     embed_batch_size: int = Field(32, ge=1, description="images read and embedded at a time (bounds memory)")
+    hubness_k: int = Field(
+        10, ge=0,
+        description="hubness correction of retrieval (CSLS): candidates are ranked by cosine less half their mean "
+        "cosine to the k nearest of the bundle's calibration-training predictions, so that no image wins for most "
+        "trials; 0 ranks by plain cosine. Also how calibrate and evaluate score retrieval; see "
+        "rtdecoder/decode/hubness.py and docs/calibration.md",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> CandidatesConfig:

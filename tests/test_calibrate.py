@@ -11,10 +11,18 @@ import torch
 
 from rtdecoder.bundle import SubjectBundle
 from rtdecoder.calibration.betas import estimate_session_betas, find_runs, load_betas, save_betas
-from rtdecoder.calibration.calibrate import average_repeats, calibrate, retrieval_evaluation, zscore_stats
+from rtdecoder.calibration.calibrate import (
+    average_repeats,
+    calibrate,
+    predict_clip_tokens,
+    retrieval_evaluation,
+    zscore_stats,
+)
+from rtdecoder.calibration.hubness_reference import bundle_hubness_reference
 from rtdecoder.calibration.pretrain import pretrain, subject_index
 from rtdecoder.cli import main
 from rtdecoder.config import config_from_dict
+from rtdecoder.decode.hubness import unit_rows
 from rtdecoder.embedding.base import Embedding
 from rtdecoder.errors import BundleError, ConfigError, VolumeError
 from rtdecoder.glm.events import write_events_tsv
@@ -198,6 +206,13 @@ def test_calibrate_writes_a_bundle_the_live_decoder_loads(tmp_path, session, bet
     assert (tmp_path / "bundle" / "betas" / "betas.nii.gz").is_file()
     assert bundle.metadata["calibration_runs"] == ["run-01", "run-02"]
     assert bundle.embedding_name == "test-embedder"
+    # retrieval scored as the live decoder ranks (CSLS), the plain-cosine figures beside it
+    assert evaluation["scores"] == "csls k=10" and evaluation["cosine"]["scores"] == "cosine"
+    # the live decoder rebuilds the hubness reference from the saved betas: the training trials' predictions
+    reference = bundle_hubness_reference(bundle, model, 10)
+    z = (betas.betas[train_rows] - bundle.beta_mean) / bundle.beta_std
+    direct = predict_clip_tokens(model, "sub-02", z)
+    np.testing.assert_allclose(reference.predictions.numpy(), unit_rows(direct).numpy(), atol=1e-5)
 
 
 def test_pretrain_caches_and_calibration_fine_tunes_it(tmp_path, session, betas) -> None:

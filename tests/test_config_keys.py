@@ -228,3 +228,50 @@ def test_every_config_key_is_read_outside_the_schema() -> None:
                 if isinstance(cls, type) and issubclass(cls, section) and cls is not section]
     unread = sorted(f"{cls.__name__}.{key}" for cls in sections for key in cls.model_fields if key not in read)
     assert not unread, f"config keys nothing reads: {unread}"
+
+
+# --- candidates.hubness_k ---
+
+
+def _write_calibration_betas(bundle: SubjectBundle, n_trials: int = 30) -> np.ndarray:
+    """A betas/ folder as calibrate writes it: (n_trials, n_voxels) betas, the last 6 trials test."""
+    import nibabel as nib
+
+    from rtdecoder.calibration.betas import BETAS_NAME, MASK_NAME, TRIALS_COLUMNS, TRIALS_NAME
+    from rtdecoder.preprocess.mask import VoxelMask
+
+    folder = bundle.directory / "betas"
+    folder.mkdir()
+    betas = np.random.default_rng(8).normal(size=(n_trials, N_VOXELS)).astype(np.float32)
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(betas.T[:, None, None, :]), np.eye(4)), folder / BETAS_NAME)
+    VoxelMask(bundle.mask, bundle.affine).to_nifti(folder / MASK_NAME)
+    rows = ["\t".join(TRIALS_COLUMNS)] + [
+        f"{t}\trun-01\t{t}\t{4.0 * t}\t3\tc{t % 5}\t{t % 5}\t{'true' if t >= n_trials - 6 else 'false'}"
+        for t in range(n_trials)
+    ]
+    (folder / TRIALS_NAME).write_text("\n".join(rows) + "\n")
+    return betas
+
+
+def test_hubness_k_ranks_live_candidates_by_csls_against_the_bundles_training_predictions(tmp_path, caplog) -> None:
+    from rtdecoder.calibration.calibrate import predict_clip_tokens
+    from rtdecoder.decode.hubness import HubnessReference, unit_rows
+
+    bundle = _bundle(tmp_path / "b")
+    config = bundle.config
+    with caplog.at_level("WARNING"):
+        assert build_live_decoder(bundle, config, _bank(), None).bank.hubness_penalty is None
+    assert "no calibration betas" in caplog.text  # an older bundle: plain cosine, said so
+
+    betas = _write_calibration_betas(bundle)
+    decoder = build_live_decoder(bundle, config, _bank(), None)
+    z = (betas[:24] - bundle.beta_mean) / bundle.beta_std  # the training trials only
+    predictions = predict_clip_tokens(bundle.load_model(), "sub-01", z)
+    expected = HubnessReference.from_predictions(predictions, None, config.candidates.hubness_k)
+    bank = _bank()
+    np.testing.assert_allclose(decoder.bank.hubness_penalty.numpy(), expected.image_penalty(bank._unit), atol=1e-5)
+    plain = build_live_decoder(bundle, _with(config, "candidates", hubness_k=0), _bank(), None)
+    assert plain.bank.hubness_penalty is None
+    query = torch.from_numpy(predictions[:3])
+    csls = (unit_rows(query) @ bank._unit.T).numpy() - expected.image_penalty(bank._unit)[None, :]
+    np.testing.assert_array_equal(decoder.bank.top_k(query, 5).indices, np.argsort(-csls, axis=1))

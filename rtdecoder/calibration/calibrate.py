@@ -17,7 +17,10 @@
    among 300 (or all held-out images when fewer;
    :func:`rtdecoder.decode.metrics.retrieval_top1`); when the config names the live decoder's
    candidates (``candidates.images_dir`` or ``candidates.embeddings_file``), also the rank of each
-   held-out image among all of them (:func:`candidate_evaluation`);
+   held-out image among all of them (:func:`candidate_evaluation`). Retrieval ranks as the live
+   decoder will: with ``candidates.hubness_k`` above 0 by CSLS against the hubness reference (the
+   model's predictions of the training trials and the training images' tokens;
+   :mod:`rtdecoder.decode.hubness`), the plain-cosine figures beside them under ``cosine``;
 5. :meth:`SubjectBundle.save` writes everything the live decoder needs.
 
 Trials are identified by their ``stim_id`` (events.tsv's ``stim_id``, or the stem of its
@@ -46,7 +49,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -59,6 +62,9 @@ from rtdecoder.embedding.cache import ImageTokens, load_image_tokens
 from rtdecoder.errors import BundleError, ConfigError
 from rtdecoder.preprocess.mask import VoxelMask
 from rtdecoder.preprocess.registration import MaskSource
+
+if TYPE_CHECKING:
+    from rtdecoder.decode.hubness import HubnessReference
 
 logger = logging.getLogger(__name__)
 
@@ -149,16 +155,19 @@ def predict_clip_tokens(model: Any, subject_id: str, betas: np.ndarray, batch_si
     import torch
 
     model.eval()
+    parameter = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    device = parameter.device if parameter is not None else torch.device("cpu")  # where the model's weights are
     out = []
     with torch.no_grad():
         for start in range(0, len(betas), batch_size):
-            x = torch.as_tensor(betas[start : start + batch_size], dtype=torch.float32)
-            out.append(model({subject_id: x}).clip_tokens.float().numpy())
+            x = torch.as_tensor(np.asarray(betas[start : start + batch_size]), dtype=torch.float32, device=device)
+            out.append(model({subject_id: x}).clip_tokens.float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.config.n_tokens, model.config.token_dim), np.float32)
 
 
 def retrieval_evaluation(
-    predicted: np.ndarray, targets: np.ndarray, seed: int = 0, pool_size: int = RETRIEVAL_POOL
+    predicted: np.ndarray, targets: np.ndarray, seed: int = 0, pool_size: int = RETRIEVAL_POOL,
+    hubness: HubnessReference | None = None,
 ) -> dict[str, Any]:
     """Image and brain retrieval top-1 among 300 candidates (all when fewer), as a JSON-ready dict.
 
@@ -170,13 +179,18 @@ def retrieval_evaluation(
         Seed of the random pools.
     pool_size : int, default=300
         Candidates per random pool (``RETRIEVAL_POOLS`` pools); all images when fewer.
+    hubness : HubnessReference, optional
+        Scores by CSLS against it (:mod:`rtdecoder.decode.hubness`); ``None``: plain cosine.
     """
     from rtdecoder.decode.metrics import retrieval_top1
 
     if len(predicted) < 2:
         return {"n_test_images": int(len(predicted)), "note": "fewer than 2 held-out images; not evaluated"}
-    scores = retrieval_top1(predicted, targets, pool_size, RETRIEVAL_POOLS, seed=seed)
+    penalties = {} if hubness is None else {"image_penalty": hubness.image_penalty(targets),
+                                            "query_penalty": hubness.query_penalty(predicted)}
+    scores = retrieval_top1(predicted, targets, pool_size, RETRIEVAL_POOLS, seed=seed, **penalties)
     return {
+        "scores": "cosine" if hubness is None else f"csls k={hubness.k}",
         "image_top1": round(scores.image, 4),
         "brain_top1": round(scores.brain, 4),
         "pool_size": scores.pool_size,
@@ -186,7 +200,9 @@ def retrieval_evaluation(
     }
 
 
-def candidate_evaluation(predicted: np.ndarray, stim_ids: list[str], candidates: ImageTokens) -> dict[str, Any]:
+def candidate_evaluation(
+    predicted: np.ndarray, stim_ids: list[str], candidates: ImageTokens, hubness: HubnessReference | None = None
+) -> dict[str, Any]:
     """How the live decoder would rank held-out images: each one's rank among all candidates.
 
     Parameters
@@ -197,6 +213,8 @@ def candidate_evaluation(predicted: np.ndarray, stim_ids: list[str], candidates:
         Their ids, row for row; images that are not candidates are not ranked.
     candidates : ImageTokens
         The live decoder's candidates (``candidates.images_dir`` or ``candidates.embeddings_file``).
+    hubness : HubnessReference, optional
+        Ranks by CSLS against it, as the live decoder does (``None``: plain cosine).
 
     Returns
     -------
@@ -211,7 +229,8 @@ def candidate_evaluation(predicted: np.ndarray, stim_ids: list[str], candidates:
     result: dict[str, Any] = {"n_candidates": len(candidates), "source": candidates.source}
     if not present:
         return result | {"note": "no held-out image is among the candidates; not ranked"}
-    ranks = candidate_ranks(predicted[present], candidates.tokens, candidates.rows([stim_ids[r] for r in present]))
+    ranks = candidate_ranks(predicted[present], candidates.tokens, candidates.rows([stim_ids[r] for r in present]),
+                            image_penalty=None if hubness is None else hubness.image_penalty(candidates.tokens))
     return result | {
         "n_ranked": len(present),
         "top1": round(float(np.mean(ranks == 1)), 4),
@@ -443,16 +462,20 @@ def calibrate(
             first_row.setdefault(str(keys[row]), int(row))
         targets = tokens[[first_row[str(image_id)] for image_id in image_ids]]
         predicted = predict_clip_tokens(model, subject_id, mean_z)
-        evaluation.update(retrieval_evaluation(predicted, targets))
+        hubness = calibration_hubness_reference(config, model, subject_id, z, session, keys, tokens, has_image)
+        evaluation.update(retrieval_evaluation(predicted, targets, hubness=hubness))
+        if hubness is not None:
+            evaluation["cosine"] = retrieval_evaluation(predicted, targets)
         evaluation["n_test_trials"] = int(test_rows.size)
         if isinstance(model, ModelEnsemble):
             evaluation["members"] = [
-                {"seed": config.training.seed + i, **retrieval_evaluation(predict_clip_tokens(m, subject_id, mean_z),
-                                                                          targets)}
+                {"seed": config.training.seed + i, **retrieval_evaluation(
+                    predict_clip_tokens(m, subject_id, mean_z), targets,
+                    hubness=calibration_hubness_reference(config, m, subject_id, z, session, keys, tokens, has_image))}
                 for i, m in enumerate(model.members)
             ]
         if candidates is not None:
-            evaluation["candidates"] = candidate_evaluation(predicted, [str(i) for i in image_ids], candidates)
+            evaluation["candidates"] = candidate_evaluation(predicted, [str(i) for i in image_ids], candidates, hubness)
     else:
         evaluation["note"] = "no test-image trials in the session; not evaluated"
     seconds["total"] = time.perf_counter() - started
@@ -473,6 +496,20 @@ def calibrate(
         selection.save_reliability(out_dir / RELIABILITY_FILE)
     logger.info("bundle written to %s (evaluation %s)", out_dir, evaluation)
     return CalibrationReport(out_dir, evaluation, seconds, int(train_rows.size), dict(session.mask.provenance))
+
+
+def calibration_hubness_reference(
+    config: RTDecoderConfig, model: Any, subject_id: str, z: np.ndarray, session: SessionBetas, keys: np.ndarray,
+    tokens: np.ndarray, has_image: np.ndarray,
+) -> HubnessReference | None:
+    """The hubness reference the live decoder will rebuild from the saved bundle
+    (:mod:`rtdecoder.calibration.hubness_reference`); ``None`` when ``candidates.hubness_k`` is 0."""
+    from rtdecoder.calibration.hubness_reference import first_rows, reference_from_betas
+
+    is_training = ~session.is_test & np.all(np.isfinite(session.betas), axis=1)
+    image_rows = first_rows(keys, np.flatnonzero(is_training & has_image))
+    return reference_from_betas(model, subject_id, z, is_training, tokens[image_rows] if image_rows else None,
+                                config.candidates.hubness_k)
 
 
 def live_training_betas(

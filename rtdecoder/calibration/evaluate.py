@@ -39,6 +39,10 @@
    with a generator is given: each averaged test image is retrieved and reconstructed by the
    decoder, and compared with the shown image (two-way identification, PixCorr, SSIM).
 
+Every figure ranks as the live decoder does: by CSLS against the bundle's hubness reference when
+``candidates.hubness_k`` is above 0 (:mod:`rtdecoder.decode.hubness`; the JSON's
+``retrieval_scores`` says which), by plain cosine when it is 0.
+
 Single-trial brain retrieval when an image has several trials in a pool (test images shown
 three times): the competitors of trial ``j`` (image ``a``) are one trial of each other image, and
 the figure is its expectation over which trial stands for each other image, computed exactly
@@ -59,7 +63,9 @@ from typing import Any
 import numpy as np
 
 from rtdecoder.bundle import SubjectBundle
+from rtdecoder.calibration.hubness_reference import bundle_hubness_reference
 from rtdecoder.config import RTDecoderConfig
+from rtdecoder.decode.hubness import HubnessReference
 from rtdecoder.embedding.cache import ImageTokens
 from rtdecoder.errors import BundleError
 from rtdecoder.glm.design import slice_time_ref_from
@@ -171,6 +177,15 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
 
 
+def _penalties(
+    hubness: HubnessReference | None, predicted: np.ndarray, images: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(image penalties, query penalties) as float64 rows; zeros without a hubness reference."""
+    if hubness is None:
+        return np.zeros(len(images)), np.zeros(len(predicted))
+    return (hubness.image_penalty(images).astype(np.float64), hubness.query_penalty(predicted).astype(np.float64))
+
+
 def pooled_retrieval(
     predicted: np.ndarray,
     targets: np.ndarray,
@@ -178,6 +193,7 @@ def pooled_retrieval(
     n_pools: int = DEFAULT_N_POOLS,
     seed: int = 0,
     top_k: Sequence[int] = TOP_K,
+    hubness: HubnessReference | None = None,
 ) -> dict[str, Any]:
     """Image and brain retrieval top-k among random pools, one prediction per image.
 
@@ -193,6 +209,8 @@ def pooled_retrieval(
     n_pools : int, default=30
     seed : int, default=0
     top_k : sequence of int, default=(1, 5)
+    hubness : HubnessReference, optional
+        Scores by CSLS against it (:mod:`rtdecoder.decode.hubness`); ``None``: plain cosine.
 
     Returns
     -------
@@ -211,13 +229,15 @@ def pooled_retrieval(
     if n < 2:
         return {"n_images": n, "note": "fewer than 2 test images; not evaluated"}
     p, t = _unit_rows(predicted), _unit_rows(targets)
+    image_penalty, query_penalty = _penalties(hubness, predicted, targets)
     if pool_size >= n:
         pool_size, n_pools = n, 1
     rng = np.random.default_rng(seed)
     hits: dict[str, list[float]] = {f"{d}_top{k}": [] for d in ("image", "brain") for k in top_k}
     for _ in range(n_pools):
         idx = rng.choice(n, size=pool_size, replace=False)
-        sim = p[idx] @ t[idx].T  # rows predictions, columns images
+        # rows predictions, columns images
+        sim = p[idx] @ t[idx].T - image_penalty[None, idx] - query_penalty[idx, None]
         own = np.diag(sim)
         image_rank = 1 + (sim > own[:, None]).sum(axis=1)
         brain_rank = 1 + (sim > own[None, :]).sum(axis=0)
@@ -235,6 +255,7 @@ def single_trial_retrieval(
     candidate_ids: Sequence[str],
     candidate_tokens: np.ndarray,
     top_k: Sequence[int] = TOP_K,
+    hubness: HubnessReference | None = None,
 ) -> dict[str, Any]:
     """Retrieval of single trials among a pool of images, both ways, repeats allowed.
 
@@ -257,6 +278,8 @@ def single_trial_retrieval(
     candidate_tokens : ndarray of shape (n_candidates, T, D)
         Their tokens, row for row.
     top_k : sequence of int, default=(1, 5)
+    hubness : HubnessReference, optional
+        Scores by CSLS against it (:mod:`rtdecoder.decode.hubness`); ``None``: plain cosine.
 
     Returns
     -------
@@ -279,7 +302,8 @@ def single_trial_retrieval(
         return {"n_trials": 0, "image_pool_size": len(row_of), "note": "no trial to score"}
     own_row = np.array([row_of[s] for s in trial_images])
     p, c = _unit_rows(predicted), _unit_rows(candidate_tokens)
-    sim = p @ c.T  # (n_trials, n_candidates)
+    image_penalty, query_penalty = _penalties(hubness, predicted, candidate_tokens)
+    sim = p @ c.T - image_penalty[None, :] - query_penalty[:, None]  # (n_trials, n_candidates)
     own = sim[np.arange(n), own_row]
     image_rank = 1 + (sim > own[:, None]).sum(axis=1)
     result: dict[str, Any] = {f"image_top{k}": round(float(np.mean(image_rank <= k)), 4) for k in top_k}
@@ -326,11 +350,13 @@ class LiveScorer:
         Tokens of the shown images, by stim_id.
     test_ids : sequence of str, optional
         The test set's images (the pool "among the test set"); default none.
+    hubness : HubnessReference, optional
+        Scores by CSLS against it, as the live decoder ranks (``None``: plain cosine).
     """
 
     def __init__(
         self, model: Any, subject_id: str, beta_mean: np.ndarray, beta_std: np.ndarray, tokens: ImageTokens,
-        test_ids: Sequence[str] | None = None,
+        test_ids: Sequence[str] | None = None, hubness: HubnessReference | None = None,
     ) -> None:
         self.model = model
         self.subject_id = subject_id
@@ -338,17 +364,24 @@ class LiveScorer:
         self.beta_std = np.asarray(beta_std, dtype=np.float32)
         self.tokens = tokens
         self.test_ids = [str(s) for s in test_ids] if test_ids is not None else []
+        self.hubness = hubness
 
     @classmethod
     def from_bundle(
         cls, bundle: SubjectBundle, tokens: ImageTokens, test_ids: Sequence[str] | None = None, device: str = "cpu",
+        hubness_k: int | None = None,
     ) -> LiveScorer:
-        """The bundle's model and statistics; ``test_ids`` default: the calibration session's test images."""
+        """The bundle's model and statistics; ``test_ids`` default: the calibration session's test images.
+        ``hubness_k`` (``candidates.hubness_k``; default the bundle config's) above 0 scores by CSLS
+        against the bundle's hubness reference, as the live decoder ranks; 0 by plain cosine."""
         if tokens.embedding_name:
             bundle.check_embedding(tokens.embedding_name)
         if test_ids is None:
             test_ids = calibration_test_ids(bundle)
-        return cls(bundle.load_model(device), bundle.subject_id, bundle.beta_mean, bundle.beta_std, tokens, test_ids)
+        model = bundle.load_model(device)
+        k = bundle.config.candidates.hubness_k if hubness_k is None else hubness_k
+        hubness = bundle_hubness_reference(bundle, model, k, tokens)
+        return cls(model, bundle.subject_id, bundle.beta_mean, bundle.beta_std, tokens, test_ids, hubness)
 
     def predict(self, betas: np.ndarray) -> np.ndarray:
         """Predicted retrieval tokens of raw beta maps (n, n_voxels) -> (n, T, D), float32."""
@@ -356,6 +389,11 @@ class LiveScorer:
 
         z = (np.asarray(betas, dtype=np.float32) - self.beta_mean) / self.beta_std
         return predict_clip_tokens(self.model, self.subject_id, z)
+
+
+def scoring_name(hubness: HubnessReference | None) -> str:
+    """How retrieval was scored, for the JSON: ``"cosine"`` or ``"csls k=<k>"``."""
+    return "cosine" if hubness is None else f"csls k={hubness.k}"
 
 
 def calibration_test_ids(bundle: SubjectBundle) -> list[str]:
@@ -419,12 +457,13 @@ def live_figures(
             ids = sorted({usable[i].stim_id for i in rows})
             if len(ids) >= 2:
                 per_run.append(single_trial_retrieval(predicted[rows], [usable[i].stim_id for i in rows], ids,
-                                                      scorer.tokens.tokens_of(ids), top_k))
+                                                      scorer.tokens.tokens_of(ids), top_k, scorer.hubness))
         entry["run"] = _trial_weighted(per_run)
         rows = [i for i, b in enumerate(usable) if b.stim_id in test_set]
         if rows and len(test_ids) >= 2:
             entry["test_set"] = single_trial_retrieval(
-                predicted[rows], [usable[i].stim_id for i in rows], test_ids, scorer.tokens.tokens_of(test_ids), top_k
+                predicted[rows], [usable[i].stim_id for i in rows], test_ids, scorer.tokens.tokens_of(test_ids), top_k,
+                scorer.hubness,
             )
         else:
             entry["test_set"] = {"n_trials": len(rows), "note": "no test-set trial, or fewer than 2 test images"}
@@ -646,9 +685,7 @@ def evaluate_session(
         test_source = "every trial with an image (no trial has is_test)"
     is_test_trial = {(run, t.trial_id) for run, t in test_trials}
     test_ids = sorted({t.stim_id for _, t in test_trials if t.stim_id in tokens})
-    scorer = LiveScorer(bundle.load_model(), bundle.subject_id, bundle.beta_mean, bundle.beta_std, tokens, test_ids)
-    if tokens.embedding_name:
-        bundle.check_embedding(tokens.embedding_name)
+    scorer = LiveScorer.from_bundle(bundle, tokens, test_ids, hubness_k=config.candidates.hubness_k)
 
     started = time.perf_counter()
     averaged = [b for b in finals if (b.run, b.trial_id) in is_test_trial and b.stim_id in tokens
@@ -663,8 +700,8 @@ def evaluate_session(
         image_ids = [str(i) for i in ids]
         predicted = scorer.predict(mean_betas)
         targets = tokens.tokens_of(image_ids)
-        retrieval["test_set"] = pooled_retrieval(predicted, targets, len(image_ids), 1)
-        retrieval["pool"] = pooled_retrieval(predicted, targets, pool_size, n_pools)
+        retrieval["test_set"] = pooled_retrieval(predicted, targets, len(image_ids), 1, hubness=scorer.hubness)
+        retrieval["pool"] = pooled_retrieval(predicted, targets, pool_size, n_pools, hubness=scorer.hubness)
     live = live_figures(selector.stages(), scorer, test_ids)
     seconds["scoring"] = time.perf_counter() - started
 
@@ -706,6 +743,7 @@ def evaluate_session(
             "refinements": selector.n_updates,
             "slow_after_onset_s": slow_after_onset_s,
         },
+        "retrieval_scores": scoring_name(scorer.hubness),
         "retrieval": retrieval,
         "live": live,
         "image_metrics": image_metrics,
@@ -809,6 +847,8 @@ def format_table(result: Mapping[str, Any]) -> str:
         f"max {_fmt(front['translation_to_reference_mm_max'], 'mm')}; {front['n_missing_volumes']} missing volumes"
     )
     retrieval = result["retrieval"]
+    if "retrieval_scores" in result:
+        lines.append(f"retrieval scores: {result['retrieval_scores']} (candidates.hubness_k; cosine when 0)")
     lines.append("")
     lines.append(f"{'retrieval, repeats averaged (final betas)':<42} image top-1  image top-5  brain top-1  "
                  "brain top-5   chance")

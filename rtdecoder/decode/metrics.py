@@ -3,7 +3,8 @@
 Image retrieval: for each trial, is its own image the most similar (cosine between flattened,
 L2-normalised predicted tokens and true image tokens) among a pool of candidates? Brain
 retrieval: for each image, is its own trial the most similar prediction? Pools of 300 drawn at
-random, top-1 averaged over pools; chance is ``1 / pool``.
+random, top-1 averaged over pools; chance is ``1 / pool``. With hubness penalties
+(:mod:`rtdecoder.decode.hubness`) the scores are CSLS instead of plain cosines.
 
 Trials are matched to images by ``stim_id``: :func:`mean_over_repeats` averages the repeats of
 each image, :func:`candidate_ranks` ranks each image among a whole candidate set (the live
@@ -50,6 +51,8 @@ def retrieval_top1(
     pool_size: int = 300,
     n_pools: int = 30,
     seed: int = 0,
+    image_penalty: np.ndarray | None = None,
+    query_penalty: np.ndarray | None = None,
 ) -> RetrievalScores:
     """Image and brain retrieval top-1 over random pools.
 
@@ -64,6 +67,11 @@ def retrieval_top1(
     n_pools : int, default=30
         Random pools drawn without replacement (1 when the pool is all trials).
     seed : int, default=0
+    image_penalty : array of shape (N,), optional
+        Hubness penalty of each target image (:meth:`HubnessReference.image_penalty`), subtracted
+        from its cosines; ``None``: none.
+    query_penalty : array of shape (N,), optional
+        Hubness penalty of each prediction (:meth:`HubnessReference.query_penalty`).
 
     Returns
     -------
@@ -92,15 +100,28 @@ def retrieval_top1(
     t = torch.nn.functional.normalize(t.flatten(1), dim=-1)
     if n <= pool_size:
         pool_size, n_pools = n, 1
+    image_penalty = _penalty(image_penalty, n, "image_penalty")
+    query_penalty = _penalty(query_penalty, n, "query_penalty")
     rng = np.random.default_rng(seed)
     image_hits, brain_hits = [], []
     for _ in range(n_pools):
         idx = torch.from_numpy(rng.choice(n, size=pool_size, replace=False))
         sim = p[idx] @ t[idx].T  # (pool, pool): rows trials, columns images
+        sim = sim - image_penalty[idx][None, :] - query_penalty[idx][:, None]
         truth = torch.arange(pool_size)
         image_hits.append((sim.argmax(dim=1) == truth).float().mean().item())
         brain_hits.append((sim.argmax(dim=0) == truth).float().mean().item())
     return RetrievalScores(float(np.mean(image_hits)), float(np.mean(brain_hits)), pool_size, n_pools)
+
+
+def _penalty(values: np.ndarray | None, n: int, name: str) -> torch.Tensor:
+    """A per-row hubness penalty as a float32 tensor of shape (n,); zeros for ``None``."""
+    if values is None:
+        return torch.zeros(n)
+    penalty = torch.as_tensor(np.asarray(values, dtype=np.float32))
+    if penalty.shape != (n,):
+        raise ConfigError(f"retrieval: {name}: expected shape ({n},) (got {tuple(penalty.shape)})")
+    return penalty
 
 
 def mean_over_repeats(values: np.ndarray, stim_ids: Sequence[Any] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -142,8 +163,10 @@ def candidate_ranks(
     candidates: np.ndarray,
     true_rows: Sequence[int] | np.ndarray,
     block_bytes: int = 256 << 20,
+    image_penalty: np.ndarray | None = None,
 ) -> np.ndarray:
-    """1-based rank of each query's own image among all candidates, by cosine of flattened tokens.
+    """1-based rank of each query's own image among all candidates, by cosine of flattened tokens
+    (less each candidate's hubness penalty, when given: CSLS).
 
     Parameters
     ----------
@@ -155,6 +178,8 @@ def candidate_ranks(
         Row in ``candidates`` of each query's own image.
     block_bytes : int, default=256 MiB
         Memory for one block of candidates as float32 (bounds memory for any N).
+    image_penalty : array of shape (N,), optional
+        Each candidate's hubness penalty (:meth:`HubnessReference.image_penalty`).
 
     Returns
     -------
@@ -178,12 +203,14 @@ def candidate_ranks(
     own_unit = torch.nn.functional.normalize(
         torch.as_tensor(np.asarray(candidates[rows.numpy()], dtype=np.float32)).reshape(len(rows), -1), dim=1
     )
-    own = (query * own_unit).sum(dim=1)  # (n,)
+    penalty = _penalty(image_penalty, n_candidates, "image_penalty")
+    own = (query * own_unit).sum(dim=1) - penalty[rows]  # (n,)
     higher = torch.zeros(len(query), dtype=torch.int64)
     step = max(1, block_bytes // (4 * flat_dim))
     for start in range(0, n_candidates, step):
         block = torch.as_tensor(np.asarray(candidates[start : start + step], dtype=np.float32))
         similarity = query @ torch.nn.functional.normalize(block.reshape(len(block), -1), dim=1).T  # (n, block)
+        similarity = similarity - penalty[start : start + len(block)][None, :]
         # the own image never outranks itself, whatever the rounding of this block's product
         similarity[rows[:, None] == torch.arange(start, start + len(block))[None, :]] = -torch.inf
         higher += (similarity > own[:, None]).sum(dim=1)

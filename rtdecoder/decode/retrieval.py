@@ -4,7 +4,10 @@ Candidates are a bank of images with their embedder tokens: a folder of the lab'
 embeddings file (``candidates.images_dir`` / ``candidates.embeddings_file``, see
 :mod:`rtdecoder.embedding.cache`), or the phantom world's stimulus bank. Their ids are the images'
 ``stim_id`` (file stems), so that the shown image of a trial is found among them. Scores are
-cosines between the flattened, L2-normalised (T*D) token vectors, as in MindEye2's retrieval.
+cosines between the flattened, L2-normalised (T*D) token vectors, as in MindEye2's retrieval;
+with a hubness reference (:meth:`CandidateBank.correct_hubness`, ``candidates.hubness_k``) the
+candidates are ranked by CSLS instead (:mod:`rtdecoder.decode.hubness`), and the scores reported
+are still their cosines.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from rtdecoder.errors import DecoderError
 
 if TYPE_CHECKING:
+    from rtdecoder.decode.hubness import HubnessReference
     from rtdecoder.embedding.base import Embedder
     from rtdecoder.embedding.cache import ImageTokens
 
@@ -41,10 +45,11 @@ class RetrievalResult:
     ids : list of list of str
         Their candidate ids.
     scores : numpy.ndarray of float32, shape (B, k)
-        Cosine similarities in [-1, 1].
+        Cosine similarities in [-1, 1] (also when the ranking is hubness-corrected).
     shown_ranks : list of (int or None), optional
         Per query, the 1-based rank among all candidates of the image the subject saw (when it
-        was asked for and is in the bank): 1 is a top-1 hit, ``(N + 1) / 2`` is chance on average.
+        was asked for and is in the bank), in the bank's ranking: 1 is a top-1 hit, ``(N + 1) / 2``
+        is chance on average.
     """
 
     indices: np.ndarray
@@ -84,6 +89,20 @@ class CandidateBank:
             block = torch.from_numpy(np.array(block.detach().cpu() if isinstance(block, torch.Tensor) else block,
                                               dtype=np.float32))
             self._unit[start : start + len(block)] = torch.nn.functional.normalize(block.flatten(1), dim=1)
+        # Half of each candidate's CSLS neighbourhood term; None ranks by plain cosine.
+        self.hubness_penalty: torch.Tensor | None = None
+
+    def correct_hubness(self, reference: HubnessReference | None) -> None:
+        """Rank by CSLS against ``reference`` from now on (``None``: plain cosine again)."""
+        if reference is None:
+            self.hubness_penalty = None
+            return
+        if reference.predictions.shape[1] != self._unit.shape[1]:
+            raise DecoderError(
+                f"candidate bank: hubness reference has {reference.predictions.shape[1]} values per prediction, "
+                f"the candidates {self._unit.shape[1]}"
+            )
+        self.hubness_penalty = torch.from_numpy(reference.image_penalty(self._unit))
 
     @classmethod
     def from_image_tokens(cls, image_tokens: ImageTokens) -> CandidateBank:
@@ -96,7 +115,8 @@ class CandidateBank:
     def top_k(
         self, predicted: torch.Tensor, k: int, shown_ids: Sequence[str | None] | None = None
     ) -> RetrievalResult:
-        """The ``k`` candidates with the highest cosine to each predicted (B, T, D) token set.
+        """The ``k`` best candidates for each predicted (B, T, D) token set: highest cosine, or highest
+        CSLS with a hubness reference (:meth:`correct_hubness`).
 
         With ``shown_ids`` (one per query; ``None`` or an id not in the bank gives no rank), the
         result also holds each shown image's rank among all candidates.
@@ -109,8 +129,10 @@ class CandidateBank:
         if not 1 <= k <= len(self):
             raise DecoderError(f"retrieval: k: expected 1..{len(self)} (got {k})")
         query = torch.nn.functional.normalize(predicted.detach().float().cpu().flatten(1), dim=1)
-        similarity = query @ self._unit.T  # (B, N)
-        scores, indices = similarity.topk(k, dim=1)  # (B, k)
+        cosine = query @ self._unit.T  # (B, N)
+        similarity = cosine if self.hubness_penalty is None else cosine - self.hubness_penalty[None, :]
+        indices = similarity.topk(k, dim=1).indices  # (B, k)
+        scores = cosine.gather(1, indices)
         indices_np = indices.numpy().astype(np.int64)
         shown_ranks = None
         if shown_ids is not None:

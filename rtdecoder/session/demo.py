@@ -136,8 +136,8 @@ def run_demo(
     seqs = [m.seq for m in received]
     gaps = sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs))
     # The live figures (fast / slow / end of run) score the journaled beta maps with the bundle's model.
-    scorer = LiveScorer.from_bundle(bundle, bank_tokens,
-                                    test_ids=list(bank.ids[: config.experiment.n_test_images]))
+    scorer = LiveScorer.from_bundle(bundle, bank_tokens, test_ids=list(bank.ids[: config.experiment.n_test_images]),
+                                    hubness_k=config.candidates.hubness_k)  # ranked as the run's decoder ranks
     figures = write_report(
         session_dir, "run-01", work_dir / "report.html", live.tr_s,
         seen_image=lambda stim_id: bank.image(bank.index_of(stim_id)), live=scorer,
