@@ -63,8 +63,8 @@ training seconds). The pretrained model and the sessions' volumes are cached eit
 Retrieval ranks as the live decoder ranks (``candidates.hubness_k`` above 0: CSLS against the
 bundle's hubness reference, :mod:`rtdecoder.decode.hubness`); the rows of (a), (b) and the variants
 carry the same models' plain-cosine figures beside them (``cosine`` in the JSON, "(plain cosine)"
-in the table), and ``--live`` then adds (a)'s live figures ranked by plain cosine
-(``a_first_seed_cosine``). The ridge (c) is scored by plain cosine.
+in the table), and ``--live`` then adds the live figures of the same bundles ranked by plain
+cosine (``a_first_seed_cosine``, ``a_seed_ensemble_cosine``). The ridge (c) is scored by plain cosine.
 
 Also measured: pretraining seconds per epoch, calibration seconds (betas, training) and the peak
 resident memory of the process (``resource.getrusage``). Prints a table and writes
@@ -242,14 +242,15 @@ def main() -> None:
     live = None
     if (args.live or args.live_only) and n_sessions > 1:
         started = time.perf_counter()
-        live = {"a_first_seed": live_evaluation(config, work / "bundle-a", session_dirs[1], sessions[1], tokens)}
-        if config.candidates.hubness_k:  # the same bundle ranked by plain cosine
-            live["a_first_seed_cosine"] = live_evaluation(
-                config.model_copy(update={"candidates": config.candidates.model_copy(update={"hubness_k": 0})}),
-                work / "bundle-a", session_dirs[1], sessions[1], tokens)
+        bundles = {"a_first_seed": work / "bundle-a"}
         if (work / "bundle-a-ensemble").is_dir() and len(seeds) > 1:
-            live["a_seed_ensemble"] = live_evaluation(config, work / "bundle-a-ensemble", session_dirs[1], sessions[1],
-                                                      tokens)
+            bundles["a_seed_ensemble"] = work / "bundle-a-ensemble"
+        cosine = config.model_copy(update={"candidates": config.candidates.model_copy(update={"hubness_k": 0})})
+        live = {}
+        for name, bundle_dir in bundles.items():
+            live[name] = live_evaluation(config, bundle_dir, session_dirs[1], sessions[1], tokens)
+            if config.candidates.hubness_k:  # the same bundle ranked by plain cosine
+                live[f"{name}_cosine"] = live_evaluation(cosine, bundle_dir, session_dirs[1], sessions[1], tokens)
         seconds["live_session_1"] = time.perf_counter() - started
 
     payload = {
