@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from rtdecoder.bundle import SubjectBundle
+from rtdecoder.calibration.hubness_reference import bundle_hubness_reference
 from rtdecoder.config import RTDecoderConfig
 from rtdecoder.decode.caption import Captioner
 from rtdecoder.decode.engine import Engine
@@ -81,8 +82,6 @@ def build_live_decoder(
             f"the model of {bundle.subject_id} predicts {(model.config.n_tokens, model.config.token_dim)}; fit a "
             "caption map from the bundle's embedder (python -m rtdecoder.decode.caption fit-map)"
         )
-    from rtdecoder.calibration.hubness_reference import bundle_hubness_reference
-
     started = time.perf_counter()
     candidates.correct_hubness(bundle_hubness_reference(bundle, model, config.candidates.hubness_k))
     if candidates.hubness_penalty is not None:

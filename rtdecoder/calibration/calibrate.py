@@ -182,6 +182,7 @@ def retrieval_evaluation(
     hubness : HubnessReference, optional
         Scores by CSLS against it (:mod:`rtdecoder.decode.hubness`); ``None``: plain cosine.
     """
+    from rtdecoder.decode.hubness import scoring_name
     from rtdecoder.decode.metrics import retrieval_top1
 
     if len(predicted) < 2:
@@ -190,7 +191,7 @@ def retrieval_evaluation(
                                             "query_penalty": hubness.query_penalty(predicted)}
     scores = retrieval_top1(predicted, targets, pool_size, RETRIEVAL_POOLS, seed=seed, **penalties)
     return {
-        "scores": "cosine" if hubness is None else f"csls k={hubness.k}",
+        "scores": scoring_name(hubness),
         "image_top1": round(scores.image, 4),
         "brain_top1": round(scores.brain, 4),
         "pool_size": scores.pool_size,
@@ -504,11 +505,12 @@ def calibration_hubness_reference(
 ) -> HubnessReference | None:
     """The hubness reference the live decoder will rebuild from the saved bundle
     (:mod:`rtdecoder.calibration.hubness_reference`); ``None`` when ``candidates.hubness_k`` is 0."""
-    from rtdecoder.calibration.hubness_reference import first_rows, reference_from_betas
+    from rtdecoder.calibration.hubness_reference import reference_from_betas
 
     is_training = ~session.is_test & np.all(np.isfinite(session.betas), axis=1)
-    image_rows = first_rows(keys, np.flatnonzero(is_training & has_image))
-    return reference_from_betas(model, subject_id, z, is_training, tokens[image_rows] if image_rows else None,
+    rows = np.flatnonzero(is_training & has_image)
+    _, first = np.unique(keys[rows], return_index=True)  # one row per training image
+    return reference_from_betas(model, subject_id, z, is_training, tokens[rows[first]] if rows.size else None,
                                 config.candidates.hubness_k)
 
 

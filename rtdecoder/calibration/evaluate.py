@@ -65,7 +65,7 @@ import numpy as np
 from rtdecoder.bundle import SubjectBundle
 from rtdecoder.calibration.hubness_reference import bundle_hubness_reference
 from rtdecoder.config import RTDecoderConfig
-from rtdecoder.decode.hubness import HubnessReference
+from rtdecoder.decode.hubness import HubnessReference, scoring_name
 from rtdecoder.embedding.cache import ImageTokens
 from rtdecoder.errors import BundleError
 from rtdecoder.glm.design import slice_time_ref_from
@@ -389,11 +389,6 @@ class LiveScorer:
 
         z = (np.asarray(betas, dtype=np.float32) - self.beta_mean) / self.beta_std
         return predict_clip_tokens(self.model, self.subject_id, z)
-
-
-def scoring_name(hubness: HubnessReference | None) -> str:
-    """How retrieval was scored, for the JSON: ``"cosine"`` or ``"csls k=<k>"``."""
-    return "cosine" if hubness is None else f"csls k={hubness.k}"
 
 
 def calibration_test_ids(bundle: SubjectBundle) -> list[str]:

@@ -12,7 +12,6 @@ run`` and ``rtdecoder evaluate`` rebuild the same from the bundle's ``betas/`` f
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -105,10 +104,3 @@ def bundle_hubness_reference(
     z = (betas - bundle.beta_mean) / bundle.beta_std
     return reference_from_betas(model, bundle.subject_id, z, is_training, images, k)
 
-
-def first_rows(keys: Sequence[Any] | np.ndarray, rows: np.ndarray) -> list[int]:
-    """The first of ``rows`` for each distinct key, in key order (one row per image)."""
-    first: dict[str, int] = {}
-    for row in rows:
-        first.setdefault(str(keys[row]), int(row))
-    return [first[key] for key in sorted(first)]

@@ -78,6 +78,11 @@ def mean_top_k_cosine(queries: np.ndarray | torch.Tensor, reference: torch.Tenso
     return out
 
 
+def scoring_name(reference: HubnessReference | None) -> str:
+    """How retrieval is scored, for JSON and tables: ``"cosine"`` or ``"csls k=<k>"``."""
+    return "cosine" if reference is None else f"csls k={reference.k}"
+
+
 @dataclass
 class HubnessReference:
     """What the hubness penalties are measured against (see the module notes).
