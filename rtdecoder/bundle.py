@@ -79,6 +79,8 @@ RUN_TIME_KEYS: dict[str, str] = {
     "glm.beta_wait_s": "when a beta is released, not what it estimates",
     "glm.min_residual_dof": "when a run's first betas are released, not what they estimate",
     "glm.publish_refinements": "whether refined betas are published",
+    "glm.live_contrast": "how live betas are referenced before the run's end; final betas, which calibration "
+    "fitted and the model was trained on, are the same either way",
     "glm.fracridge": "calibration only: the live GLM is OLS either way",
     "glm.fracridge_fractions": "calibration only",
     "glm.hrf_selection": "calibration only: the chosen HRFs are the bundle's hrf_index",

@@ -197,6 +197,12 @@ class GLMConfig(Section):
         "refinements and final betas are not held back",
     )
     publish_refinements: bool = True
+    live_contrast: bool = Field(
+        False,
+        description="LSS only: first releases and refinements are the trial's contrast against the other trials "
+        "(b_j - b_others) plus the bundle's mean beta, instead of b_j, whose level shares one error across the "
+        "run's trials until the run's end (rtdecoder/glm/incremental.py); final betas are plain LSS either way",
+    )
     fracridge: bool = Field(
         False,
         description="calibration only: GLMsingle-style fractional ridge betas, one fraction per voxel chosen "

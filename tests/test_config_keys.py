@@ -275,3 +275,21 @@ def test_hubness_k_ranks_live_candidates_by_csls_against_the_bundles_training_pr
     query = torch.from_numpy(predictions[:3])
     csls = (unit_rows(query) @ bank._unit.T).numpy() - expected.image_penalty(bank._unit)[None, :]
     np.testing.assert_array_equal(decoder.bank.top_k(query, 5).indices, np.argsort(-csls, axis=1))
+
+
+def test_live_contrast_references_the_run_front_ends_live_betas_to_the_bundles_mean_beta(tmp_path) -> None:
+    from rtdecoder.glm.events import Trial
+    from rtdecoder.session.frontend import build_run_frontend
+    from rtdecoder.session.runner import SessionGeometry
+
+    bundle = _bundle(tmp_path / "bundle")
+    geometry = SessionGeometry.from_bundle(bundle)
+    trials = [Trial("t0", 4.8, 3.0)]
+    for on in (True, False):
+        # the tiny bundle's reference is too small to register to; the GLM is what is tested
+        config = _with(_with(bundle.config, "glm", live_contrast=on), "preprocess", motion_correction=False)
+        glm = build_run_frontend(config, geometry, trials, 1.6, 40, 0.0).glm
+        if on:
+            np.testing.assert_array_equal(glm.live_level, bundle.beta_mean)
+        else:
+            assert glm.live_level is None

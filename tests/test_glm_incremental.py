@@ -388,3 +388,71 @@ def test_start_rejects_bad_trials() -> None:
     twice = [Trial("a", 4.0, 3.0), Trial("a", 10.0, 3.0)]
     with pytest.raises(ConfigError, match=r"trials: trial_id: expected unique ids \(repeated: a\)"):
         IncrementalGLM(twice, TR_S, N_VOLUMES).start(N_VOXELS)
+
+
+def test_live_contrasts_equal_the_lss_contrast_of_the_rows_so_far(rng: np.random.Generator) -> None:
+    trials, motion, data = _run(rng)
+    level = rng.normal(size=N_VOXELS)
+    glm = IncrementalGLM(trials, TR_S, N_VOLUMES, live_level=level).start(N_VOXELS)
+    plain = IncrementalGLM(trials, TR_S, N_VOLUMES).start(N_VOXELS)
+    released = _feed(glm, data, motion)
+    _feed(plain, data, motion)
+    times_s = frame_times_s(N_VOLUMES, TR_S)
+    columns = trial_regressors(trials, times_s, canonical_hrf("glover", TR_S))
+    nuisance = np.hstack([motion, drift_regressors(times_s, "polynomial", 2)])
+    checked = 0
+    for beta in released:
+        rows = np.arange(beta.tr_index + 1)
+        design = np.hstack([lss_columns(columns, beta.trial_index), nuisance])[rows]
+        keep = np.any(design != 0.0, axis=0)  # an "other trials" column still all zero is dropped
+        theta = np.zeros((design.shape[1], N_VOXELS))
+        theta[keep] = _ols(design[:, keep], data[rows])
+        _assert_relative_close(beta.beta - level, theta[0] - theta[1])
+        checked += 1
+    assert checked > N_TRIALS  # first releases and refinements
+    final = {b.trial_id: b.beta for b in glm.finish()}
+    for b in plain.finish():  # final betas are plain LSS, as calibration fits them
+        np.testing.assert_array_equal(final[b.trial_id], b.beta)
+
+
+def _live_correlations(live_level: bool, seed: int) -> np.ndarray:
+    """Per voxel, the first releases' correlation with the truth across trials, NSD-like timing."""
+    rng = np.random.default_rng(seed)
+    tr_s, n_volumes, n_voxels = 1.6, 166, 300
+    trials = [Trial(f"t{j:02d}", 4.8 + 4.0 * j, 3.0) for j in range(62)]
+    times_s = frame_times_s(n_volumes, tr_s)
+    motion = np.cumsum(rng.normal(scale=0.05, size=(n_volumes, 6)), axis=0)
+    mean_response = rng.uniform(1.0, 3.0, n_voxels)  # every image drives visual cortex
+    truth = mean_response + rng.normal(scale=0.5, size=(len(trials), n_voxels))
+    data = trial_regressors(trials, times_s, canonical_hrf("glover", tr_s)) @ truth
+    x = np.linspace(-1.0, 1.0, n_volumes)[:, None]
+    drift = np.hstack([x, x**2, x**3]) @ rng.normal(size=(3, n_voxels))  # cubic: the model's drift is quadratic
+    data += rng.normal(size=(n_volumes, n_voxels)) + drift + motion @ rng.normal(size=(6, n_voxels))
+    level = mean_response if live_level else None
+    glm = IncrementalGLM(trials, tr_s, n_volumes, min_residual_dof=20, live_level=level).start(n_voxels)
+    first = {}
+    for b in _feed(glm, data, motion):
+        first.setdefault(b.trial_index, b.beta)
+    betas = np.stack([first[j] for j in range(len(trials))])
+    b, t = betas - betas.mean(axis=0), truth - truth.mean(axis=0)
+    return (b * t).sum(axis=0) / np.sqrt((b * b).sum(axis=0) * (t * t).sum(axis=0))
+
+
+def test_live_contrasts_remove_the_level_error_live_betas_share() -> None:
+    # Trials every 4 s sum to a plateau that the intercept can stand for: before the run's end the
+    # common level of all live betas is poorly fixed, and its error is the same for every trial.
+    plain = [np.median(_live_correlations(False, seed)) for seed in range(3)]
+    contrast = [np.median(_live_correlations(True, seed)) for seed in range(3)]
+    assert all(c > p for p, c in zip(plain, contrast, strict=True)), (plain, contrast)
+    assert np.mean(contrast) > np.mean(plain) + 0.015, (plain, contrast)
+
+
+def test_live_contrast_comes_from_the_glm_section_and_needs_lss() -> None:
+    trials, level = [Trial("a", 4.0, 3.0)], np.zeros(N_VOXELS)
+    assert IncrementalGLM.from_config(GLMConfig(live_contrast=True), trials, TR_S, N_VOLUMES,
+                                      live_level=level).live_level is level
+    assert IncrementalGLM.from_config(GLMConfig(), trials, TR_S, N_VOLUMES, live_level=level).live_level is None
+    with pytest.raises(ConfigError, match="glm.live_contrast: expected glm.method 'lss'"):
+        IncrementalGLM(trials, TR_S, N_VOLUMES, method="lsa", live_level=level).start(N_VOXELS)
+    with pytest.raises(ConfigError, match=r"live_level: expected 12 finite values, one per voxel \(got shape \(3,\)"):
+        IncrementalGLM(trials, TR_S, N_VOLUMES, live_level=np.zeros(3)).start(N_VOXELS)

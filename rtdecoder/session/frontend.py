@@ -250,9 +250,11 @@ def build_run_frontend(
     # GLMdenoise's frozen noise components, when the bundle has them: their regressors are extra
     # confounds of the GLM, as calibration fitted them.
     denoise = geometry.bundle.glmdenoise if geometry.bundle is not None else None
+    # Live contrasts are referenced to the calibration's mean beta; without a bundle, to 0.
+    live_level = geometry.bundle.beta_mean if geometry.bundle is not None else np.zeros(geometry.mask.n_voxels)
     glm = None if not trials else IncrementalGLM.from_config(
         glm_config, trials, float(tr_s), int(n_volumes), slice_time_ref_s=float(slice_time_ref_s),
         hrf_per_voxel=geometry.hrf_index if glm_config.hrf == "library" else None,
-        n_confounds=denoise.n_components if denoise is not None else 0,
+        n_confounds=denoise.n_components if denoise is not None else 0, live_level=live_level,
     )
     return FrontEnd(geometry.mask, glm, normaliser, motion, denoise=denoise).start()
