@@ -38,13 +38,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_calibration import HELD_OUT, _write_session, held_out_session_dirs
+from bench_calibration import HELD_OUT, _with_glm, _write_session, held_out_session_dirs
 
 from rtdecoder.bundle import SubjectBundle
 from rtdecoder.calibration.betas import estimate_session_betas
 from rtdecoder.calibration.calibrate import calibrate, predict_clip_tokens
 from rtdecoder.calibration.dataset import subject_id
-from rtdecoder.calibration.evaluate import LiveBeta, LiveScorer, StageSelector, live_figures, replay_session
+from rtdecoder.calibration.evaluate import (
+    LiveBeta,
+    LiveScorer,
+    StageSelector,
+    calibration_test_ids,
+    live_figures,
+    replay_session,
+)
 from rtdecoder.config import load_config
 from rtdecoder.decode.hubness import HubnessReference
 from rtdecoder.phantom.decoding import phantom_image_tokens
@@ -87,19 +94,21 @@ def main() -> None:
     else:
         bundle_dir = work / f"bundle-dev{args.subject:02d}"
         if not (bundle_dir / "metadata.json").is_file():
-            single = config.model_copy(update={"training": config.training.model_copy(update={"ensemble_size": 1}),
-                                               "glm": config.glm.model_copy(update={"live_contrast": False})})
+            single = _with_glm(config, {"live_contrast": False})
+            single = single.model_copy(update={"training": single.training.model_copy(update={"ensemble_size": 1})})
             started = time.perf_counter()
             session = estimate_session_betas(session_dirs[0], single, world.subject(index).mask, progress=True)
             calibrate(single, session_dirs[0], bundle_dir, sid, world.subject(index).mask,
                       pretrained_dir=work / "pretrained" / "model", session=session, images=tokens)
             seconds["calibration"] = time.perf_counter() - started
     bundle = SubjectBundle.load(bundle_dir)
-    run_config = bundle.config
+    # Plain LSS live betas (the corrections start from them) and the GLM's live contrasts.
+    plain = _with_glm(bundle.config, {"live_contrast": False})
+    contrast_config = _with_glm(bundle.config, {"live_contrast": True})
 
     # The calibration session's live betas of its training trials, with their final betas.
     started = time.perf_counter()
-    test_ids = set(_test_ids(bundle))
+    test_ids = set(calibration_test_ids(bundle))
     live: list[LiveBeta] = []
     final: dict[tuple[str, str], np.ndarray] = {}
 
@@ -111,7 +120,6 @@ def main() -> None:
         else:
             live.append(beta)
 
-    plain = run_config.model_copy(update={"glm": run_config.glm.model_copy(update={"live_contrast": False})})
     replays = replay_session(plain, bundle, session_dirs[0], take_calibration, progress=True)
     tr_s = replays[0].tr_s
     calibration_onsets = {(r.run, t.trial_id): t.onset_s for r in replays for t in r.trials}
@@ -128,8 +136,6 @@ def main() -> None:
         stage_std[int(s)] = 1.0 / np.maximum(z_live[rows].std(0), 1e-6)
         per_voxel[int(s)] = (z_final[rows] * z_live[rows]).sum(0) / np.maximum((z_live[rows] ** 2).sum(0), 1e-12)
         per_stage[int(s)] = float((z_final[rows] * z_live[rows]).sum() / (z_live[rows] ** 2).sum())
-    # The error every live beta of one volume shares: each one's error against its final beta, regressed
-    # on the mean of the other trials' live betas of the same volume (per stage, one weight).
     # Diagnosis: how much of a live beta's error (against its final beta) the other trials' live
     # betas of the same volume share, per stage: correlation with their mean error, over voxels.
     errors = z_live - z_final
@@ -162,7 +168,7 @@ def main() -> None:
     # The hubness reference of each stage: the model's predictions of the calibration's training
     # trials at that stage (first release; latest beta by 29.5 s) instead of their final betas.
     model = bundle.load_model()
-    k = run_config.candidates.hubness_k
+    k = bundle.config.candidates.hubness_k
     calibration_stages = StageSelector()
     for b in live:
         calibration_stages.add(b)
@@ -183,14 +189,12 @@ def main() -> None:
     # The unseen session, scored with the live betas as they are and as predicted.
     started = time.perf_counter()
     betas: list[LiveBeta] = []
-    plain_config = run_config.model_copy(update={"glm": run_config.glm.model_copy(update={"live_contrast": False})})
-    replays = replay_session(plain_config, bundle, session_dirs[1], betas.append, progress=True)
+    replays = replay_session(plain, bundle, session_dirs[1], betas.append, progress=True)
     seconds["replay_test"] = time.perf_counter() - started
     trial_test = {t.stim_id for r in replays for t in r.trials if t.is_test and t.stim_id}
     scorer = LiveScorer.from_bundle(bundle, tokens, sorted(s for s in trial_test if s in tokens))
     final_reference = scorer.hubness
     # The same session through a front end whose live betas are LSS contrasts (glm.live_contrast).
-    contrast_config = run_config.model_copy(update={"glm": run_config.glm.model_copy(update={"live_contrast": True})})
     contrast_betas: list[LiveBeta] = []
     replay_session(contrast_config, bundle, session_dirs[1], contrast_betas.append)
     started = time.perf_counter()
@@ -229,12 +233,6 @@ def main() -> None:
         cells = [_pair(figures[st].get(pool, {})) for pool in ("run", "test_set")
                  for st in ("fast", "slow", "end_of_run")]
         print(f"| {name} | " + " | ".join(cells) + " |")
-
-
-def _test_ids(bundle: SubjectBundle) -> list[str]:
-    from rtdecoder.calibration.evaluate import calibration_test_ids
-
-    return calibration_test_ids(bundle)
 
 
 def _z(bundle: SubjectBundle, beta: np.ndarray) -> np.ndarray:
